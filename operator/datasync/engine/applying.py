@@ -1,0 +1,299 @@
+"""Fold changes per key and apply them to DuckDB with set-based SQL.
+
+Changes for a table accumulate in a dict keyed by primary key (the last change
+per key wins, so a batch touches each row once).  A flush stages the folded rows
+as one Arrow table of PostgreSQL text values and runs three statements: compute
+the new rows (keeping the target's value for unchanged-TOAST columns), delete
+every touched key, insert the new rows.  Row-at-a-time SQL would be orders of
+magnitude slower.  Flushes happen inside the caller's DuckDB transaction; only
+the caller commits, together with the checkpoint LSN.
+
+Schema changes arrive as pgoutput Relation messages.  The first change after a
+new Relation layout reconciles the target table with it: drops, renames
+(matched through the source's attnum), type changes and added columns; values
+PostgreSQL materialised without WAL (an added column's default, a rewritten
+column after ALTER TYPE) are back-filled from the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+
+from datasync import identifiers
+from datasync.engine import pgoutput
+from datasync.identifiers import quote
+from datasync.sources import catalog, typemaps
+from datasync.targets import duckfile
+
+log = logging.getLogger(__name__)
+
+UPSERT, DELETE = 0, 1
+
+
+@dataclasses.dataclass
+class Entry:
+    op: int
+    values: list[pgoutput.Value] | None
+    lookup: tuple[Any, ...] | None  # key whose target row supplies unchanged values
+
+
+class TableApplier:
+    """Pending changes and the current column layout of one synced table."""
+
+    def __init__(self, state: duckfile.TableState, con: Any, source: psycopg.Connection[Any]) -> None:
+        self.state = state
+        self.con = con
+        self.source = source
+        self.pending: dict[tuple[Any, ...], Entry] = {}
+        self.has_unchanged = False
+        self.layout: pgoutput.Relation | None = None
+        self.layout_checked = False
+        self.key_pos: list[int] = []
+        self.applied = 0
+
+    @property
+    def target(self) -> identifiers.TableName:
+        return self.state.target
+
+    # -- folding ---------------------------------------------------------------
+    def on_relation(self, rel: pgoutput.Relation) -> None:
+        if self.layout != rel:
+            self.layout = rel
+            self.layout_checked = False
+
+    def _ensure_layout(self) -> None:
+        if self.layout_checked:
+            return
+        assert self.layout is not None
+        cols = [(c.name, c.type_oid, c.typmod) for c in self.layout.columns]
+        current = [(c.name, c.type_oid, c.typmod) for c in self.state.columns]
+        if cols != current:
+            self.flush()
+            self._evolve(self.layout)
+        names = [c.name for c in self.layout.columns]
+        self.key_pos = [names.index(k) for k in self.state.key]
+        self.layout_checked = True
+
+    def _key(self, values: list[pgoutput.Value]) -> tuple[Any, ...]:
+        return tuple(values[i] for i in self.key_pos)
+
+    def insert(self, new: list[pgoutput.Value]) -> None:
+        self._ensure_layout()
+        self.pending[self._key(new)] = Entry(UPSERT, new, None)
+
+    def update(self, new: list[pgoutput.Value], old: list[pgoutput.Value] | None) -> None:
+        self._ensure_layout()
+        key = self._key(new)
+        lookup = key
+        if old is not None:
+            old_key = self._key(old)
+            if old_key != key:
+                lookup = old_key
+                prior = self.pending.get(old_key)
+                self.pending[old_key] = Entry(DELETE, None, None)
+                if prior is not None and prior.op == UPSERT:
+                    self.pending[key] = self._merge(new, prior, lookup)
+                    return
+        if pgoutput.UNCHANGED in new:
+            prior = self.pending.get(lookup)
+            if prior is not None and prior.op == UPSERT:
+                self.pending[key] = self._merge(new, prior, lookup)
+                return
+            self.has_unchanged = True
+            self.pending[key] = Entry(UPSERT, new, lookup)
+        else:
+            self.pending[key] = Entry(UPSERT, new, None)
+
+    def _merge(self, new: list[pgoutput.Value], prior: Entry, lookup: tuple[Any, ...]) -> Entry:
+        assert prior.values is not None
+        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior.values)]
+        if pgoutput.UNCHANGED in merged:
+            self.has_unchanged = True
+            return Entry(UPSERT, merged, prior.lookup or lookup)
+        return Entry(UPSERT, merged, None)
+
+    def delete(self, old: list[pgoutput.Value]) -> None:
+        self._ensure_layout()
+        self.pending[self._key(old)] = Entry(DELETE, None, None)
+
+    def truncate(self) -> None:
+        self.pending.clear()
+        self.has_unchanged = False
+        self.con.execute(f"DELETE FROM {self.target.sql}")
+
+    # -- applying --------------------------------------------------------------
+    def flush(self) -> int:
+        """Apply pending changes (inside the caller's transaction)."""
+        if not self.pending:
+            return 0
+        cols = self.state.columns
+        ncols, nkey = len(cols), len(self.state.key)
+        entries = list(self.pending.items())
+        key_cols = [[k[j] for k, _ in entries] for j in range(nkey)]
+        is_del = [e.op == DELETE for _, e in entries]
+        val_cols: list[list[Any]] = [[] for _ in range(ncols)]
+        for _, e in entries:
+            vals = e.values if e.values is not None else [None] * ncols
+            for i in range(ncols):
+                val_cols[i].append(vals[i])
+        arrays: dict[str, pa.Array] = {f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)}
+        arrays["del"] = pa.array(is_del, pa.bool_())
+        unchanged_cols: list[int] = []
+        if self.has_unchanged:
+            for i in range(ncols):
+                flags = [v is pgoutput.UNCHANGED for v in val_cols[i]]
+                if any(flags):
+                    unchanged_cols.append(i)
+                    arrays[f"u{i}"] = pa.array(flags, pa.bool_())
+                    val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags)]
+            lookups = [e.lookup if e.lookup is not None else k for k, e in entries]
+            for j in range(nkey):
+                arrays[f"l{j}"] = pa.array([lk[j] for lk in lookups], pa.string())
+        for i in range(ncols):
+            arrays[f"v{i}"] = pa.array(val_cols[i], pa.string())
+        stage = pa.table(arrays)
+        key_cols_meta = [self._column(k) for k in self.state.key]
+        t = self.target.sql
+        names = ", ".join(quote(c.name) for c in cols)
+        self.con.register("_ds_stage", stage)
+        try:
+            if unchanged_cols:
+                exprs = []
+                for i, c in enumerate(cols):
+                    cast = _mapping(c).cast(f"s.v{i}")
+                    if i in unchanged_cols:
+                        exprs.append(f"CASE WHEN s.u{i} THEN t.{quote(c.name)} ELSE {cast} END")
+                    else:
+                        exprs.append(cast)
+                on = " AND ".join(
+                    f"t.{quote(kc.name)} = {_mapping(kc).cast(f's.l{j}')}" for j, kc in enumerate(key_cols_meta)
+                )
+                self.con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE _ds_new AS SELECT {', '.join(exprs)} "
+                    f"FROM _ds_stage s LEFT JOIN {t} t ON {on} WHERE NOT s.del"
+                )
+            keysel = ", ".join(f"{_mapping(kc).cast(f'k{j}')} AS k{j}" for j, kc in enumerate(key_cols_meta))
+            match = " AND ".join(
+                f"{t}.{quote(kc.name)} IS NOT DISTINCT FROM s.k{j}" for j, kc in enumerate(key_cols_meta)
+            )
+            self.con.execute(f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage) s WHERE {match}")
+            if unchanged_cols:
+                self.con.execute(f"INSERT INTO {t} ({names}) SELECT * FROM _ds_new")
+                self.con.execute("DROP TABLE _ds_new")
+            else:
+                sel = ", ".join(_mapping(c).cast(f"v{i}") for i, c in enumerate(cols))
+                self.con.execute(f"INSERT INTO {t} ({names}) SELECT {sel} FROM _ds_stage WHERE NOT del")
+        finally:
+            self.con.unregister("_ds_stage")
+        n = len(entries)
+        self.applied += n
+        self.pending.clear()
+        self.has_unchanged = False
+        return n
+
+    def _column(self, name: str) -> duckfile.TargetColumn:
+        for c in self.state.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    # -- schema evolution ------------------------------------------------------
+    def _evolve(self, rel: pgoutput.Relation) -> None:
+        t = self.target.sql
+        attnums = dict(
+            self.source.execute(
+                "SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s::regclass "
+                "AND attnum > 0 AND NOT attisdropped",
+                (self.state.source.sql,),
+            ).fetchall()
+        )
+        old_by_name = {c.name: c for c in self.state.columns}
+        new_names = {c.name for c in rel.columns}
+        resolver = catalog.TypeResolver(self.source)
+        result: list[duckfile.TargetColumn] = []
+        matched: set[str] = set()
+        backfill: list[str] = []
+        renames: list[tuple[str, str]] = []
+        for rc in rel.columns:
+            old = old_by_name.get(rc.name)
+            if old is None:
+                num = attnums.get(rc.name)
+                cand = [c for c in self.state.columns if c.attnum == num and c.name not in new_names]
+                if num is not None and cand:
+                    old = cand[0]
+                    renames.append((old.name, rc.name))
+            mapping = resolver.resolve(rc.type_oid, rc.typmod)
+            col = duckfile.TargetColumn(
+                rc.name, rc.type_oid, rc.typmod, mapping.duck_type, mapping.pg_base,
+                attnums.get(rc.name, old.attnum if old else -1),
+            )
+            if old is not None:
+                matched.add(old.name)
+                col.attnum = old.attnum
+                if (old.type_oid, old.typmod) != (rc.type_oid, rc.typmod) and old.duck_type != col.duck_type:
+                    backfill.append(rc.name)
+                elif (old.type_oid, old.typmod) != (rc.type_oid, rc.typmod):
+                    backfill.append(rc.name)
+            else:
+                backfill.append(rc.name)
+            result.append(col)
+        for c in self.state.columns:
+            if c.name not in matched:
+                log.info("schema change on %s: drop column %s", self.state.source, c.name)
+                self.con.execute(f"ALTER TABLE {t} DROP COLUMN {quote(c.name)}")
+        for old_name, new_name in renames:
+            log.info("schema change on %s: rename column %s to %s", self.state.source, old_name, new_name)
+            self.con.execute(f"ALTER TABLE {t} RENAME COLUMN {quote(old_name)} TO {quote(new_name)}")
+        renamed_to = {n for _, n in renames}
+        for col in result:
+            if col.name in backfill and (col.name in old_by_name or col.name in renamed_to):
+                log.info("schema change on %s: column %s is now %s", self.state.source, col.name, col.duck_type)
+                self.con.execute(
+                    f"ALTER TABLE {t} ALTER COLUMN {quote(col.name)} SET DATA TYPE {col.duck_type} "
+                    f"USING CAST(NULL AS {col.duck_type})"
+                )
+            elif col.name in backfill:
+                log.info("schema change on %s: add column %s %s", self.state.source, col.name, col.duck_type)
+                self.con.execute(f"ALTER TABLE {t} ADD COLUMN {quote(col.name)} {col.duck_type}")
+        self.state.columns = result
+        if backfill:
+            self._backfill([c for c in result if c.name in backfill])
+        duckfile.save_table_state(self.con, self.state)
+
+    def _backfill(self, columns: list[duckfile.TargetColumn]) -> None:
+        """Copy the current source values of ``columns`` into the target rows."""
+        from datasync.engine import snapshotting
+
+        keys = [self._column(k) for k in self.state.key]
+        sel = ", ".join(quote(c.name) for c in keys + columns)
+        try:
+            buf = bytearray()
+            with self.source.cursor().copy(f"COPY (SELECT {sel} FROM {self.state.source.sql}) TO STDOUT (FORMAT csv)") as cp:
+                for block in cp:
+                    buf += block
+        except psycopg.errors.UndefinedColumn:
+            return  # the column is gone again at the source; a later Relation message follows
+        if not buf:
+            return
+        data = snapshotting.read_csv(bytes(buf), len(keys) + len(columns))
+        nk = len(keys)
+        sets = ", ".join(
+            f"{quote(c.name)} = {_mapping(c).cast(f's.c{nk + i}')}" for i, c in enumerate(columns)
+        )
+        on = " AND ".join(
+            f"{self.target.sql}.{quote(k.name)} = {_mapping(k).cast(f's.c{j}')}" for j, k in enumerate(keys)
+        )
+        self.con.register("_ds_backfill", data)
+        try:
+            self.con.execute(f"UPDATE {self.target.sql} SET {sets} FROM _ds_backfill s WHERE {on}")
+        finally:
+            self.con.unregister("_ds_backfill")
+
+
+def _mapping(col: duckfile.TargetColumn) -> typemaps.Mapping:
+    return typemaps.Mapping(col.duck_type, col.pg_base)

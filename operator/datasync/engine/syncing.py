@@ -1,0 +1,182 @@
+"""One sync run: check the source, ensure publication and slot, snapshot, stream.
+
+The order is the data path of DESIGN.md: every check first (so a failure leaves
+nothing behind), then publication and slot (the slot before any snapshot, so no
+change can fall between snapshot and stream), then the snapshot of each table
+not yet copied, then CDC.  Tables a target already holds stay part of the sync:
+dropping one silently would let the slot advance past its changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from typing import Any, Protocol
+
+import psycopg
+
+from datasync import errors, identifiers
+from datasync.engine import snapshotting, streaming
+from datasync.sources import catalog, checking, connecting, replication
+from datasync.targets import duckfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Options:
+    source: str
+    target: str
+    tables: list[str]
+    follow: bool = False
+    slot: str | None = None
+    publication: str | None = None
+    snapshot_workers: int = 2
+    batch_changes: int = 50_000
+    max_batch_seconds: float = 0.5
+    poll_seconds: float = 0.1
+    memory_limit: str | None = "1GB"
+
+
+class Reporter(Protocol):
+    def snapshot_started(self, table: identifiers.TableName, est_rows: int) -> None: ...
+    def snapshot_rows(self, table: identifiers.TableName, rows: int) -> None: ...
+    def snapshot_done(self, table: identifiers.TableName, rows: int, seconds: float) -> None: ...
+    def batch(self, stats: streaming.Stats) -> None: ...
+
+
+class QuietReporter:
+    def snapshot_started(self, table: identifiers.TableName, est_rows: int) -> None:
+        log.info("snapshot of %s started (~%d rows)", table, est_rows)
+
+    def snapshot_rows(self, table: identifiers.TableName, rows: int) -> None:
+        pass
+
+    def snapshot_done(self, table: identifiers.TableName, rows: int, seconds: float) -> None:
+        log.info("snapshot of %s: %d rows in %.1fs", table, rows, seconds)
+
+    def batch(self, stats: streaming.Stats) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Result:
+    slot: str
+    publication: str
+    snapshotted: dict[identifiers.TableName, int]
+    stats: streaming.Stats
+    rows: dict[identifiers.TableName, int]
+
+
+def _target_columns(table: catalog.Table) -> list[duckfile.TargetColumn]:
+    return [
+        duckfile.TargetColumn(c.name, c.type_oid, c.typmod, c.duck_type, c.mapping.pg_base, c.attnum)
+        for c in table.columns
+    ]
+
+
+def ensure_replication(
+    conn: psycopg.Connection[Any], publication: str, slot: str, tables: list[catalog.Table]
+) -> None:
+    """Create/extend the publication and create the slot; undo on failure."""
+    created_pub = False
+    added: list[identifiers.TableName] = []
+    try:
+        existing = replication.publication_tables(conn, publication)
+        if existing is None:
+            replication.create_publication(conn, publication, [t.name for t in tables])
+            created_pub = True
+        else:
+            added = [t.name for t in tables if t.name not in existing]
+            replication.add_tables(conn, publication, added)
+        if replication.slot_info(conn, slot) is None:
+            replication.create_slot(conn, slot)
+    except psycopg.Error as exc:
+        if created_pub:
+            replication.drop_publication(conn, publication)
+        elif added:
+            replication.drop_tables(conn, publication, added)
+        raise errors.SourceError(f"could not set up logical replication: {exc}".strip()) from None
+
+
+def snapshot(
+    opts: Options, table: catalog.Table, target: duckfile.DuckTarget, slot: str, reporter: Reporter
+) -> int:
+    import time
+
+    started = time.monotonic()
+    tmp_slot = f"{slot}_snap_{os.getpid()}"[:63]
+    with replication.exported_snapshot(opts.source, tmp_slot) as snap:
+        reader = connecting.connect(opts.source, autocommit=False)
+        try:
+            reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            reader.execute(f"SET TRANSACTION SNAPSHOT '{snap.snapshot_id}'")
+            chunks = snapshotting.plan_chunks(reader, table)
+            row = reader.execute(
+                "SELECT coalesce(sum(greatest(reltuples, 0)), 0)::bigint FROM pg_class WHERE oid = ANY(%s::regclass[])",
+                ([leaf.sql for leaf in table.leaves],),
+            ).fetchone()
+            est = int(row[0]) if row else 0
+            reader.rollback()
+        finally:
+            reader.close()
+        reporter.snapshot_started(table.name, est)
+        state = duckfile.TableState(
+            table.name, table.name, "snapshotting", snap.consistent_lsn, _target_columns(table), list(table.key), 0
+        )
+        target.begin()
+        try:
+            target.create_table(state.target, state.columns)
+            rows = snapshotting.copy_table(
+                opts.source, snap.snapshot_id, table, target, state.target, chunks,
+                workers=opts.snapshot_workers, on_rows=lambda n: reporter.snapshot_rows(table.name, n),
+            )
+            state.state = "streaming"
+            state.rows_snapshotted = rows
+            target.save_table_state(state)
+            target.commit()
+        except BaseException:
+            target.rollback()
+            raise
+    reporter.snapshot_done(table.name, rows, time.monotonic() - started)
+    return rows
+
+
+def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event | None = None) -> Result:
+    reporter = reporter or QuietReporter()
+    stop = stop or threading.Event()
+    names = [identifiers.TableName.parse(t) for t in opts.tables]
+    slot = opts.slot or replication.derive_name(opts.target)
+    publication = opts.publication or slot
+    control = connecting.connect(opts.source)
+    source = connecting.connect(opts.source)
+    try:
+        checking.check_server(control)
+        tables = checking.check_tables(control, names)  # before the target file is created
+        target = duckfile.DuckTarget(opts.target, memory_limit=opts.memory_limit)
+        try:
+            states = target.table_states()
+            extra = [known for known in states if known not in names]
+            tables += checking.check_tables(control, extra)
+            todo = [t for t in tables if t.name not in states or states[t.name].state != "streaming"]
+            checking.check_publication(control, publication, tables)
+            checking.check_slots(control, slot, bool(todo))
+            ensure_replication(control, publication, slot, tables)
+            until = replication.current_lsn(control)
+            snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
+            stream = streaming.ChangeStream(
+                source=source, control=control, target=target, slot=slot, publication=publication,
+                states=target.table_states(), batch_changes=opts.batch_changes,
+                max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
+                on_batch=reporter.batch,
+            )
+            stats = stream.follow(stop) if opts.follow else stream.run_until(until)
+            rows = {n: target.count(st.target) for n, st in target.table_states().items()}
+            return Result(slot, publication, snapshotted, stats, rows)
+        finally:
+            target.close()
+    finally:
+        control.close()
+        source.close()

@@ -1,0 +1,35 @@
+"""Errors a user can act on.
+
+Every failure that reaches the user carries *what* is wrong and *how to fix it*
+(``hint``).  The CLI prints both on stderr and exits non-zero; nothing else in
+the codebase formats user-facing errors.  Messages never contain a password:
+DSNs are shown through :func:`datasync.sources.connecting.redact`.
+"""
+
+from __future__ import annotations
+
+
+class DataSyncError(Exception):
+    """Base of all expected, user-actionable errors."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class SourceError(DataSyncError):
+    """The PostgreSQL source cannot be used as asked (connection, config, table)."""
+
+    exit_code = 2
+
+
+class TargetError(DataSyncError):
+    """The DuckDB target cannot be used (locked, unreadable, incompatible)."""
+
+    exit_code = 3

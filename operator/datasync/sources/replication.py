@@ -1,0 +1,173 @@
+"""Publications and logical replication slots on the source.
+
+One publication and one ``pgoutput`` slot per sync.  Their names derive from the
+target file so two syncs of one database never share a slot (override with
+``--slot``/``--publication``).  Changes are read with
+``pg_logical_slot_peek_binary_changes`` and the slot is advanced with
+``pg_replication_slot_advance`` only after the target committed them: a crash
+between the two replays changes the target already has, which the applier
+skips by LSN.  Snapshots take a *temporary* slot with an exported snapshot; its
+consistent point is the exact LSN at which the snapshot's data ends and the
+change stream begins for that table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from datasync import identifiers
+from datasync.engine import pgoutput
+from datasync.sources import connecting
+
+PROTO_VERSION = 1
+
+
+def derive_name(target_path: str) -> str:
+    """``datasync_<stem>_<hash>``: a valid slot/publication name for a target file."""
+    absolute = str(Path(target_path).resolve())
+    stem = re.sub(r"[^a-z0-9_]", "_", Path(target_path).stem.lower())[:30].strip("_") or "target"
+    digest = hashlib.sha1(absolute.encode()).hexdigest()[:8]
+    return f"datasync_{stem}_{digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotInfo:
+    name: str
+    plugin: str
+    confirmed_flush: int
+    restart_lsn: int
+    active: bool
+    wal_status: str | None
+
+
+def slot_info(conn: psycopg.Connection[Any], slot: str) -> SlotInfo | None:
+    row = conn.execute(
+        """SELECT slot_name, plugin, confirmed_flush_lsn::text, restart_lsn::text, active, wal_status
+           FROM pg_replication_slots WHERE slot_name = %s""",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    return SlotInfo(
+        row[0], row[1] or "",
+        pgoutput.parse_lsn(row[2]) if row[2] else 0,
+        pgoutput.parse_lsn(row[3]) if row[3] else 0,
+        bool(row[4]), row[5],
+    )
+
+
+def publication_tables(conn: psycopg.Connection[Any], publication: str) -> set[identifiers.TableName] | None:
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    if not exists:
+        return None
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid "
+        "JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE p.pubname = %s",
+        (publication,),
+    ).fetchall()
+    return {identifiers.TableName(s, t) for s, t in rows}
+
+
+def create_publication(conn: psycopg.Connection[Any], publication: str, tables: list[identifiers.TableName]) -> None:
+    names = ", ".join(t.sql for t in tables)
+    conn.execute(
+        f"CREATE PUBLICATION {identifiers.quote(publication)} FOR TABLE {names} "
+        "WITH (publish_via_partition_root = true)"
+    )
+
+
+def add_tables(conn: psycopg.Connection[Any], publication: str, tables: list[identifiers.TableName]) -> None:
+    if tables:
+        names = ", ".join(t.sql for t in tables)
+        conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} ADD TABLE {names}")
+
+
+def drop_tables(conn: psycopg.Connection[Any], publication: str, tables: list[identifiers.TableName]) -> None:
+    if tables:
+        names = ", ".join(t.sql for t in tables)
+        conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} DROP TABLE {names}")
+
+
+def drop_publication(conn: psycopg.Connection[Any], publication: str) -> None:
+    conn.execute(f"DROP PUBLICATION IF EXISTS {identifiers.quote(publication)}")
+
+
+def create_slot(conn: psycopg.Connection[Any], slot: str) -> int:
+    row = conn.execute(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
+    ).fetchone()
+    assert row is not None
+    return pgoutput.parse_lsn(row[0])
+
+
+def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
+    if slot_info(conn, slot) is not None:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+
+def current_lsn(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return pgoutput.parse_lsn(row[0])
+
+
+def advance(conn: psycopg.Connection[Any], slot: str, lsn: int) -> None:
+    """Move the slot's confirmed position to ``lsn`` (never backwards)."""
+    info = slot_info(conn, slot)
+    if info is not None and lsn > info.confirmed_flush:
+        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, pgoutput.format_lsn(lsn)))
+
+
+def peek(
+    conn: psycopg.Connection[Any], slot: str, publication: str, upto_lsn: int, upto_nchanges: int, fetch: int = 5000
+) -> Iterator[bytes]:
+    """Yield raw pgoutput messages of whole transactions committed up to ``upto_lsn``.
+
+    A server-side cursor keeps client memory bounded however large a transaction is.
+    """
+    with conn.transaction():
+        with conn.cursor(name="datasync_peek", binary=True) as cur:
+            cur.itersize = fetch
+            cur.execute(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s, "
+                "'proto_version', %s, 'publication_names', %s)",
+                (slot, pgoutput.format_lsn(upto_lsn), upto_nchanges, str(PROTO_VERSION), publication),
+            )
+            for (data,) in cur:
+                yield data
+
+
+@dataclasses.dataclass
+class ExportedSnapshot:
+    snapshot_id: str
+    consistent_lsn: int
+
+
+@contextlib.contextmanager
+def exported_snapshot(dsn: str, slot_name: str) -> Iterator[ExportedSnapshot]:
+    """A temporary slot whose exported snapshot stays valid inside the block.
+
+    Readers ``SET TRANSACTION SNAPSHOT`` to it; changes with commit LSN at or
+    after ``consistent_lsn`` are exactly those the snapshot does not contain.
+    """
+    conn = connecting.connect(dsn, replication=True)
+    try:
+        cur = conn.cursor()
+        cur.execute(
+            f"CREATE_REPLICATION_SLOT {identifiers.quote(slot_name)} TEMPORARY LOGICAL pgoutput "
+            "(SNAPSHOT 'export')"
+        )
+        row = cur.fetchone()
+        assert row is not None
+        yield ExportedSnapshot(snapshot_id=row[2], consistent_lsn=pgoutput.parse_lsn(row[1]))
+    finally:
+        conn.close()  # drops the temporary slot

@@ -1,0 +1,101 @@
+"""PostgreSQL → DuckDB type mapping.
+
+One table decides, per PostgreSQL base type, the DuckDB column type and the SQL
+that turns PostgreSQL's *text* output into it.  Both the snapshot (COPY CSV) and
+CDC (pgoutput, text mode) hand us PostgreSQL's exact text rendering, so a single
+cast expression serves both paths and they cannot disagree.
+
+Where DuckDB has no native type that holds every value exactly (unconstrained
+``numeric``, ``inet``, arrays, enums, ranges, …) the column is ``VARCHAR`` with
+PostgreSQL's exact text form.  The README's type table is generated from
+:data:`DOC_ROWS` so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+_SIMPLE: dict[str, str] = {
+    "int2": "SMALLINT",
+    "int4": "INTEGER",
+    "int8": "BIGINT",
+    "oid": "UBIGINT",
+    "float4": "FLOAT",
+    "float8": "DOUBLE",
+    "bool": "BOOLEAN",
+    "text": "VARCHAR",
+    "varchar": "VARCHAR",
+    "bpchar": "VARCHAR",
+    "name": "VARCHAR",
+    "bytea": "BLOB",
+    "date": "DATE",
+    "time": "TIME",
+    "timetz": "TIMETZ",
+    "timestamp": "TIMESTAMP",
+    "timestamptz": "TIMESTAMPTZ",
+    "interval": "INTERVAL",
+    "uuid": "UUID",
+    "json": "JSON",
+    "jsonb": "JSON",
+}
+
+DOC_ROWS: list[tuple[str, str, str]] = [
+    ("smallint, integer, bigint", "SMALLINT, INTEGER, BIGINT", "exact"),
+    ("numeric(p,s), p ≤ 38", "DECIMAL(p,s)", "exact; NaN has no DECIMAL form and becomes NULL"),
+    ("numeric (no precision), p > 38", "VARCHAR", "exact text: huge values, NaN, ±Infinity"),
+    ("real, double precision", "FLOAT, DOUBLE", "exact (shortest round-trip text), NaN, ±Infinity"),
+    ("boolean", "BOOLEAN", "exact"),
+    ("text, varchar(n), char(n), name", "VARCHAR", "exact (char(n) keeps its padding)"),
+    ("bytea", "BLOB", "exact bytes"),
+    ("date, time, timestamp", "DATE, TIME, TIMESTAMP", "exact (µs); ±infinity kept"),
+    ("timetz, timestamptz", "TIMETZ, TIMESTAMPTZ", "exact instant (µs), UTC"),
+    ("interval", "INTERVAL", "exact months/days/µs"),
+    ("uuid", "UUID", "exact"),
+    ("json, jsonb", "JSON", "exact text (json keeps its formatting)"),
+    ("inet, cidr, macaddr, money, xml, ranges, …", "VARCHAR", "exact text form"),
+    ("arrays (any element type)", "VARCHAR", "exact text form, e.g. {1,NULL,3}"),
+    ("enums", "VARCHAR", "label"),
+    ("domains", "type of the base type", "as the base type"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    duck_type: str
+    pg_base: str
+
+    def cast(self, expr: str) -> str:
+        """SQL turning PostgreSQL's text form in ``expr`` into ``duck_type``."""
+        if self.duck_type == "VARCHAR":
+            return expr
+        if self.duck_type == "BLOB":
+            return f"from_hex(substr({expr}, 3))"
+        if self.duck_type == "INTERVAL":
+            # DuckDB reads PostgreSQL's interval style but not explicit '+' signs
+            return f"CAST(replace({expr}, '+', '') AS INTERVAL)"
+        if self.duck_type.startswith("DECIMAL"):
+            return f"TRY_CAST({expr} AS {self.duck_type})"
+        return f"CAST({expr} AS {self.duck_type})"
+
+
+def numeric_precision(typmod: int) -> tuple[int, int] | None:
+    if typmod < 4:
+        return None
+    raw = typmod - 4
+    precision = (raw >> 16) & 0xFFFF
+    scale = raw & 0x7FF
+    if scale & 0x400:  # negative scale (PostgreSQL 15+)
+        scale -= 0x800
+    return precision, scale
+
+
+def map_type(base: str, typmod: int, category: str) -> Mapping:
+    """Map a PostgreSQL base type (domains already resolved) to DuckDB."""
+    if category == "A":
+        return Mapping("VARCHAR", base)
+    if base == "numeric":
+        ps = numeric_precision(typmod)
+        if ps is not None and 1 <= ps[0] <= 38 and 0 <= ps[1] <= ps[0]:
+            return Mapping(f"DECIMAL({ps[0]},{ps[1]})", base)
+        return Mapping("VARCHAR", base)
+    return Mapping(_SIMPLE.get(base, "VARCHAR"), base)

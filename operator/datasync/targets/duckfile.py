@@ -1,0 +1,172 @@
+"""The DuckDB file target: user tables plus DataSync's own ``_datasync`` schema.
+
+User tables hold exactly the source's columns.  Everything DataSync needs to
+resume — the applied commit LSN, each table's snapshot LSN, state and column
+layout — lives in ``_datasync`` inside the same file, so it commits atomically
+with the data it describes (DESIGN.md, data path §3).
+
+DuckDB allows one writer per file; the process that opens a target owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from datasync import errors, identifiers
+from datasync.identifiers import quote
+
+META = "_datasync"
+
+
+@dataclasses.dataclass
+class TargetColumn:
+    name: str
+    type_oid: int
+    typmod: int
+    duck_type: str
+    pg_base: str
+    attnum: int
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TableState:
+    source: identifiers.TableName
+    target: identifiers.TableName
+    state: str  # snapshotting | streaming
+    snapshot_lsn: int
+    columns: list[TargetColumn]
+    key: list[str]
+    rows_snapshotted: int
+
+
+class DuckTarget:
+    """A DuckDB database file opened for writing by this process."""
+
+    def __init__(self, path: str | Path, *, memory_limit: str | None = None, threads: int | None = None) -> None:
+        self.path = str(path)
+        try:
+            self.con = duckdb.connect(self.path)
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            hint = "stop the other process that has the file open (DuckDB allows one writer per file)"
+            if "lock" not in msg.lower():
+                hint = "check that the path is a writable DuckDB database file"
+            raise errors.TargetError(f"cannot open DuckDB target {self.path}: {msg.splitlines()[0]}", hint) from None
+        if memory_limit:
+            self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        if threads:
+            self.con.execute(f"SET threads = {int(threads)}")
+        self.con.execute("SET preserve_insertion_order = false")
+        self._ensure_meta()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- metadata --------------------------------------------------------------
+    def _ensure_meta(self) -> None:
+        self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {META}")
+        self.con.execute(
+            f"""CREATE TABLE IF NOT EXISTS {META}.checkpoint (
+                    slot VARCHAR PRIMARY KEY,
+                    applied_lsn UBIGINT NOT NULL,
+                    last_commit_ts TIMESTAMPTZ,
+                    updated_at TIMESTAMPTZ NOT NULL)"""
+        )
+        self.con.execute(
+            f"""CREATE TABLE IF NOT EXISTS {META}.tables (
+                    source_schema VARCHAR, source_table VARCHAR,
+                    target_schema VARCHAR, target_table VARCHAR,
+                    state VARCHAR NOT NULL,
+                    snapshot_lsn UBIGINT NOT NULL,
+                    columns JSON NOT NULL,
+                    key JSON NOT NULL,
+                    rows_snapshotted BIGINT NOT NULL,
+                    updated_at TIMESTAMPTZ NOT NULL,
+                    PRIMARY KEY (source_schema, source_table))"""
+        )
+
+    def applied_lsn(self, slot: str) -> int:
+        row = self.con.execute(f"SELECT applied_lsn FROM {META}.checkpoint WHERE slot = ?", [slot]).fetchone()
+        return int(row[0]) if row else 0
+
+    def last_commit_ts(self, slot: str) -> dt.datetime | None:
+        row = self.con.execute(
+            f"SELECT epoch_us(last_commit_ts) FROM {META}.checkpoint WHERE slot = ?", [slot]
+        ).fetchone()
+        if not row or row[0] is None:
+            return None
+        return dt.datetime.fromtimestamp(row[0] / 1e6, tz=dt.timezone.utc)
+
+    def write_checkpoint(self, slot: str, lsn: int, commit_ts_us: int | None) -> None:
+        """Record ``lsn`` as applied; call inside the transaction that applied it."""
+        ts = None if commit_ts_us is None else dt.datetime.fromtimestamp(commit_ts_us / 1e6, tz=dt.timezone.utc)
+        self.con.execute(
+            f"""INSERT INTO {META}.checkpoint VALUES (?, ?, ?, now())
+                ON CONFLICT (slot) DO UPDATE SET applied_lsn = excluded.applied_lsn,
+                    last_commit_ts = coalesce(excluded.last_commit_ts, {META}.checkpoint.last_commit_ts),
+                    updated_at = now()""",
+            [slot, lsn, ts],
+        )
+
+    def table_states(self) -> dict[identifiers.TableName, TableState]:
+        rows = self.con.execute(
+            f"""SELECT source_schema, source_table, target_schema, target_table, state, snapshot_lsn,
+                       columns, key, rows_snapshotted FROM {META}.tables"""
+        ).fetchall()
+        out = {}
+        for s, t, ts, tt, state, lsn, cols, key, nrows in rows:
+            name = identifiers.TableName(s, t)
+            out[name] = TableState(
+                name, identifiers.TableName(ts, tt), state, int(lsn),
+                [TargetColumn(**c) for c in json.loads(cols)], list(json.loads(key)), int(nrows),
+            )
+        return out
+
+    def save_table_state(self, st: TableState) -> None:
+        save_table_state(self.con, st)
+
+    def forget_table(self, source: identifiers.TableName) -> None:
+        self.con.execute(
+            f"DELETE FROM {META}.tables WHERE source_schema = ? AND source_table = ?", [source.schema, source.name]
+        )
+
+    # -- user tables -------------------------------------------------------------
+    def create_table(self, name: identifiers.TableName, columns: list[TargetColumn]) -> None:
+        self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(name.schema)}")
+        self.con.execute(f"DROP TABLE IF EXISTS {name.sql}")
+        cols = ", ".join(f"{quote(c.name)} {c.duck_type}" for c in columns)
+        self.con.execute(f"CREATE TABLE {name.sql} ({cols})")
+
+    def count(self, name: identifiers.TableName) -> int:
+        row = self.con.execute(f"SELECT count(*) FROM {name.sql}").fetchone()
+        return int(row[0]) if row else 0
+
+    def begin(self) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+
+    def commit(self) -> None:
+        self.con.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.con.execute("ROLLBACK")
+
+
+def save_table_state(con: Any, st: TableState) -> None:
+    """Upsert a table's metadata row (inside the caller's transaction)."""
+    con.execute(
+        f"""INSERT OR REPLACE INTO {META}.tables VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())""",
+        [
+            st.source.schema, st.source.name, st.target.schema, st.target.name, st.state,
+            st.snapshot_lsn, json.dumps([c.as_json() for c in st.columns]), json.dumps(st.key),
+            st.rows_snapshotted,
+        ],
+    )
