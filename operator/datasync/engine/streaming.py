@@ -168,7 +168,7 @@ class ChangeStream:
     def follow(self, stop: threading.Event) -> Stats:
         """Stream until ``stop`` is set; the batch in flight is finished first."""
         while not stop.is_set():
-            upto = replication.current_lsn(self.control)
+            upto = replication.flushed_lsn(self.control)
             if not self._round(upto):
                 replication.advance(self.control, self.slot, upto)
                 self._lag()

@@ -164,7 +164,7 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
             ensure_replication(control, publication, slot, tables)
-            until = replication.current_lsn(control)
+            until = replication.wait_flushed(control)
             snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
             stream = streaming.ChangeStream(
                 source=source, control=control, target=target, slot=slot, publication=publication,

@@ -115,9 +115,33 @@ def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
 
 
 def current_lsn(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return pgoutput.parse_lsn(row[0])
+
+
+def flushed_lsn(conn: psycopg.Connection[Any]) -> int:
+    """The WAL position logical decoding can read up to.
+
+    Commits made with ``synchronous_commit = off`` are visible before their WAL
+    is flushed; decoding (and so the slot) must never be moved past this point.
+    """
+    row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+    assert row is not None
+    return pgoutput.parse_lsn(row[0])
+
+
+def wait_flushed(conn: psycopg.Connection[Any], timeout: float = 30.0) -> int:
+    """Wait until everything committed so far is flushed; return that position."""
+    import time
+
+    target = current_lsn(conn)
+    deadline = time.monotonic() + timeout
+    while True:
+        flushed = flushed_lsn(conn)
+        if flushed >= target or time.monotonic() > deadline:
+            return min(flushed, target) if flushed >= target else flushed
+        time.sleep(0.02)
 
 
 def advance(conn: psycopg.Connection[Any], slot: str, lsn: int) -> None:
