@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -45,8 +46,17 @@ class Entry:
 class TableApplier:
     """Pending changes and the current column layout of one synced table."""
 
-    def __init__(self, state: duckfile.TableState, con: Any, source: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self,
+        state: duckfile.TableState,
+        con: Any,
+        source: psycopg.Connection[Any],
+        commit_point: Callable[[], None] | None = None,
+    ) -> None:
         self.state = state
+        # DuckDB refuses to commit ALTER TABLE after DELETE/UPDATE in one transaction:
+        # the stream commits (with a partial-transaction checkpoint) around every DDL
+        self.commit_point = commit_point or (lambda: None)
         self.con = con
         self.source = source
         self.pending: dict[tuple[Any, ...], Entry] = {}
@@ -73,8 +83,9 @@ class TableApplier:
         cols = [(c.name, c.type_oid, c.typmod) for c in self.layout.columns]
         current = [(c.name, c.type_oid, c.typmod) for c in self.state.columns]
         if cols != current:
-            self.flush()
+            self.commit_point()
             self._evolve(self.layout)
+            self.commit_point()
         names = [c.name for c in self.layout.columns]
         self.key_pos = [names.index(k) for k in self.state.key]
         self.layout_checked = True
@@ -165,23 +176,23 @@ class TableApplier:
             if unchanged_cols:
                 exprs = []
                 for i, c in enumerate(cols):
-                    cast = _mapping(c).cast(f"s.v{i}")
+                    cast = _mapping(c).cast(f"_dss.v{i}")
                     if i in unchanged_cols:
-                        exprs.append(f"CASE WHEN s.u{i} THEN t.{quote(c.name)} ELSE {cast} END")
+                        exprs.append(f"CASE WHEN _dss.u{i} THEN _dst.{quote(c.name)} ELSE {cast} END")
                     else:
                         exprs.append(cast)
                 on = " AND ".join(
-                    f"t.{quote(kc.name)} = {_mapping(kc).cast(f's.l{j}')}" for j, kc in enumerate(key_cols_meta)
+                    f"_dst.{quote(kc.name)} = {_mapping(kc).cast(f'_dss.l{j}')}" for j, kc in enumerate(key_cols_meta)
                 )
                 self.con.execute(
                     f"CREATE OR REPLACE TEMP TABLE _ds_new AS SELECT {', '.join(exprs)} "
-                    f"FROM _ds_stage s LEFT JOIN {t} t ON {on} WHERE NOT s.del"
+                    f"FROM _ds_stage _dss LEFT JOIN {t} _dst ON {on} WHERE NOT _dss.del"
                 )
             keysel = ", ".join(f"{_mapping(kc).cast(f'k{j}')} AS k{j}" for j, kc in enumerate(key_cols_meta))
             match = " AND ".join(
-                f"{t}.{quote(kc.name)} IS NOT DISTINCT FROM s.k{j}" for j, kc in enumerate(key_cols_meta)
+                f"{t}.{quote(kc.name)} IS NOT DISTINCT FROM _dss.k{j}" for j, kc in enumerate(key_cols_meta)
             )
-            self.con.execute(f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage) s WHERE {match}")
+            self.con.execute(f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage) _dss WHERE {match}")
             if unchanged_cols:
                 self.con.execute(f"INSERT INTO {t} ({names}) SELECT * FROM _ds_new")
                 self.con.execute("DROP TABLE _ds_new")
@@ -283,14 +294,14 @@ class TableApplier:
         data = snapshotting.read_csv(bytes(buf), len(keys) + len(columns))
         nk = len(keys)
         sets = ", ".join(
-            f"{quote(c.name)} = {_mapping(c).cast(f's.c{nk + i}')}" for i, c in enumerate(columns)
+            f"{quote(c.name)} = {_mapping(c).cast(f'_dss.c{nk + i}')}" for i, c in enumerate(columns)
         )
         on = " AND ".join(
-            f"{self.target.sql}.{quote(k.name)} = {_mapping(k).cast(f's.c{j}')}" for j, k in enumerate(keys)
+            f"{self.target.sql}.{quote(k.name)} = {_mapping(k).cast(f'_dss.c{j}')}" for j, k in enumerate(keys)
         )
         self.con.register("_ds_backfill", data)
         try:
-            self.con.execute(f"UPDATE {self.target.sql} SET {sets} FROM _ds_backfill s WHERE {on}")
+            self.con.execute(f"UPDATE {self.target.sql} SET {sets} FROM _ds_backfill _dss WHERE {on}")
         finally:
             self.con.unregister("_ds_backfill")
 

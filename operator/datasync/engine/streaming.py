@@ -64,14 +64,18 @@ class ChangeStream:
         self.target = target
         self.slot = slot
         self.publication = publication
-        self.appliers = {name: applying.TableApplier(st, target.con, control) for name, st in states.items()}
+        self.appliers = {
+            name: applying.TableApplier(st, target.con, control, self._commit_partial) for name, st in states.items()
+        }
         self.by_relid: dict[int, applying.TableApplier | None] = {}
         self.batch_changes = batch_changes
         self.max_batch_seconds = max_batch_seconds
         self.poll_seconds = poll_seconds
         self.on_batch = on_batch
-        self.stats = Stats(applied_lsn=target.applied_lsn(slot))
-        self._in_txn = False
+        applied, self._partial_final, self._partial_changes = target.checkpoint(slot)
+        self.stats = Stats(applied_lsn=applied)
+        self._final_lsn = 0
+        self._txn_index = 0  # data messages seen in the current transaction
 
     # -- one pass over the slot ------------------------------------------------
     def _round(self, upto: int) -> bool:
@@ -84,14 +88,17 @@ class ChangeStream:
         last_ts: int | None = None
         skip_txn = False
         final_lsn = 0
+        skip_upto = 0
         self.target.begin()
         try:
             for data in replication.peek(self.source, self.slot, self.publication, upto, self.batch_changes):
                 seen = True
                 msg = pgoutput.decode(data)
                 if isinstance(msg, pgoutput.Begin):
-                    final_lsn = msg.final_lsn
+                    final_lsn = self._final_lsn = msg.final_lsn
                     skip_txn = final_lsn < applied
+                    self._txn_index = 0
+                    skip_upto = self._partial_changes if final_lsn == self._partial_final else 0
                 elif isinstance(msg, pgoutput.Commit):
                     last_end, last_ts = msg.end_lsn, msg.commit_ts_us
                     self.stats.transactions += 0 if skip_txn else 1
@@ -106,6 +113,10 @@ class ChangeStream:
                         ap.on_relation(msg)
                 elif skip_txn:
                     continue
+                elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete, pgoutput.Truncate)) and (
+                    self._count_change() <= skip_upto
+                ):
+                    continue  # applied before a restart, in a partly committed transaction
                 elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
                     ap = self.by_relid.get(msg.relid)
                     if ap is None or final_lsn < ap.state.snapshot_lsn:
@@ -139,12 +150,27 @@ class ChangeStream:
             raise
         return seen
 
+    def _count_change(self) -> int:
+        self._txn_index += 1
+        return self._txn_index
+
+    def _commit_partial(self) -> None:
+        """Commit mid-transaction: everything before the current change is durable."""
+        for ap in self.appliers.values():
+            self.stats.applied_rows += ap.flush()
+        done = self._txn_index - 1
+        self.target.write_checkpoint(self.slot, self.stats.applied_lsn, None, (self._final_lsn, done))
+        self.target.commit()
+        self._partial_final, self._partial_changes = self._final_lsn, done
+        self.target.begin()
+
     def _commit(self, end_lsn: int, commit_ts: int | None) -> None:
         for ap in self.appliers.values():
             self.stats.applied_rows += ap.flush()
         lsn = max(end_lsn, self.stats.applied_lsn)
         self.target.write_checkpoint(self.slot, lsn, commit_ts)
         self.target.commit()
+        self._partial_final = self._partial_changes = 0
         self.stats.applied_lsn = lsn
         self.stats.batches += 1
         replication.advance(self.control, self.slot, lsn)

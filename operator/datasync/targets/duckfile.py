@@ -79,7 +79,11 @@ class DuckTarget:
                     slot VARCHAR PRIMARY KEY,
                     applied_lsn UBIGINT NOT NULL,
                     last_commit_ts TIMESTAMPTZ,
-                    updated_at TIMESTAMPTZ NOT NULL)"""
+                    updated_at TIMESTAMPTZ NOT NULL,
+                    -- a transaction applied in part (schema change mid-transaction):
+                    -- its commit LSN and how many of its changes are in the target
+                    partial_final_lsn UBIGINT NOT NULL DEFAULT 0,
+                    partial_changes BIGINT NOT NULL DEFAULT 0)"""
         )
         self.con.execute(
             f"""CREATE TABLE IF NOT EXISTS {META}.tables (
@@ -95,8 +99,14 @@ class DuckTarget:
         )
 
     def applied_lsn(self, slot: str) -> int:
-        row = self.con.execute(f"SELECT applied_lsn FROM {META}.checkpoint WHERE slot = ?", [slot]).fetchone()
-        return int(row[0]) if row else 0
+        return self.checkpoint(slot)[0]
+
+    def checkpoint(self, slot: str) -> tuple[int, int, int]:
+        """(applied end LSN, commit LSN of a partly applied transaction, its changes applied)."""
+        row = self.con.execute(
+            f"SELECT applied_lsn, partial_final_lsn, partial_changes FROM {META}.checkpoint WHERE slot = ?", [slot]
+        ).fetchone()
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
     def last_commit_ts(self, slot: str) -> dt.datetime | None:
         row = self.con.execute(
@@ -106,15 +116,18 @@ class DuckTarget:
             return None
         return dt.datetime.fromtimestamp(row[0] / 1e6, tz=dt.timezone.utc)
 
-    def write_checkpoint(self, slot: str, lsn: int, commit_ts_us: int | None) -> None:
+    def write_checkpoint(
+        self, slot: str, lsn: int, commit_ts_us: int | None, partial: tuple[int, int] = (0, 0)
+    ) -> None:
         """Record ``lsn`` as applied; call inside the transaction that applied it."""
         ts = None if commit_ts_us is None else dt.datetime.fromtimestamp(commit_ts_us / 1e6, tz=dt.timezone.utc)
         self.con.execute(
-            f"""INSERT INTO {META}.checkpoint VALUES (?, ?, ?, now())
+            f"""INSERT INTO {META}.checkpoint VALUES (?, ?, ?, now(), ?, ?)
                 ON CONFLICT (slot) DO UPDATE SET applied_lsn = excluded.applied_lsn,
                     last_commit_ts = coalesce(excluded.last_commit_ts, {META}.checkpoint.last_commit_ts),
-                    updated_at = now()""",
-            [slot, lsn, ts],
+                    updated_at = now(), partial_final_lsn = excluded.partial_final_lsn,
+                    partial_changes = excluded.partial_changes""",
+            [slot, lsn, ts, partial[0], partial[1]],
         )
 
     def table_states(self) -> dict[identifiers.TableName, TableState]:
