@@ -216,79 +216,73 @@ class TableApplier:
     # -- schema evolution ------------------------------------------------------
     def _evolve(self, rel: pgoutput.Relation) -> None:
         t = self.target.sql
-        attnums = dict(
-            self.source.execute(
-                "SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s::regclass "
-                "AND attnum > 0 AND NOT attisdropped",
-                (self.state.source.sql,),
-            ).fetchall()
-        )
-        old_by_name = {c.name: c for c in self.state.columns}
-        new_names = {c.name for c in rel.columns}
+        alive_rows = self.source.execute(
+            "SELECT attnum FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (self.state.source.sql,),
+        ).fetchall()
+        alive = {int(r[0]) for r in alive_rows}
+        pairs, dropped = match_columns(self.state.columns, list(rel.columns), alive.__contains__)
         resolver = catalog.TypeResolver(self.source)
+        next_attnum = max([c.attnum for c in self.state.columns] + [self.state.max_attnum])
         result: list[duckfile.TargetColumn] = []
-        matched: set[str] = set()
         backfill: list[str] = []
-        renames: list[tuple[str, str]] = []
-        for rc in rel.columns:
-            old = old_by_name.get(rc.name)
-            if old is None:
-                num = attnums.get(rc.name)
-                cand = [c for c in self.state.columns if c.attnum == num and c.name not in new_names]
-                if num is not None and cand:
-                    old = cand[0]
-                    renames.append((old.name, rc.name))
+        for old in dropped:
+            log.info("schema change on %s: drop column %s", self.state.source, old.name)
+            self.con.execute(f"ALTER TABLE {t} DROP COLUMN {quote(old.name)}")
+        for old, rc in pairs:
             mapping = resolver.resolve(rc.type_oid, rc.typmod)
-            col = duckfile.TargetColumn(
-                rc.name, rc.type_oid, rc.typmod, mapping.duck_type, mapping.pg_base,
-                attnums.get(rc.name, old.attnum if old else -1),
-            )
-            if old is not None:
-                matched.add(old.name)
-                col.attnum = old.attnum
-                if (old.type_oid, old.typmod) != (rc.type_oid, rc.typmod) and old.duck_type != col.duck_type:
-                    backfill.append(rc.name)
-                elif (old.type_oid, old.typmod) != (rc.type_oid, rc.typmod):
-                    backfill.append(rc.name)
+            if old is None:
+                next_attnum += 1
+                attnum = next_attnum
             else:
-                backfill.append(rc.name)
-            result.append(col)
-        for c in self.state.columns:
-            if c.name not in matched:
-                log.info("schema change on %s: drop column %s", self.state.source, c.name)
-                self.con.execute(f"ALTER TABLE {t} DROP COLUMN {quote(c.name)}")
-        for old_name, new_name in renames:
-            log.info("schema change on %s: rename column %s to %s", self.state.source, old_name, new_name)
-            self.con.execute(f"ALTER TABLE {t} RENAME COLUMN {quote(old_name)} TO {quote(new_name)}")
-        renamed_to = {n for _, n in renames}
-        for col in result:
-            if col.name in backfill and (col.name in old_by_name or col.name in renamed_to):
-                log.info("schema change on %s: column %s is now %s", self.state.source, col.name, col.duck_type)
-                self.con.execute(
-                    f"ALTER TABLE {t} ALTER COLUMN {quote(col.name)} SET DATA TYPE {col.duck_type} "
-                    f"USING CAST(NULL AS {col.duck_type})"
-                )
-            elif col.name in backfill:
+                attnum = old.attnum
+            col = duckfile.TargetColumn(rc.name, rc.type_oid, rc.typmod, mapping.duck_type, mapping.pg_base, attnum)
+            if old is None:
                 log.info("schema change on %s: add column %s %s", self.state.source, col.name, col.duck_type)
                 self.con.execute(f"ALTER TABLE {t} ADD COLUMN {quote(col.name)} {col.duck_type}")
+                backfill.append(col.name)
+            else:
+                if old.name != rc.name:
+                    log.info("schema change on %s: rename column %s to %s", self.state.source, old.name, rc.name)
+                    self.con.execute(f"ALTER TABLE {t} RENAME COLUMN {quote(old.name)} TO {quote(rc.name)}")
+                if (old.type_oid, old.typmod) != (rc.type_oid, rc.typmod):
+                    log.info("schema change on %s: column %s is now %s", self.state.source, col.name, col.duck_type)
+                    self.con.execute(
+                        f"ALTER TABLE {t} ALTER COLUMN {quote(col.name)} SET DATA TYPE {col.duck_type} "
+                        f"USING CAST(NULL AS {col.duck_type})"
+                    )
+                    backfill.append(col.name)
+            result.append(col)
         self.state.columns = result
+        self.state.max_attnum = next_attnum
         if backfill:
             self._backfill([c for c in result if c.name in backfill])
         duckfile.save_table_state(self.con, self.state)
 
     def _backfill(self, columns: list[duckfile.TargetColumn]) -> None:
-        """Copy the current source values of ``columns`` into the target rows."""
+        """Copy the current source values of ``columns`` into the target rows.
+
+        Columns are found by attnum, their identity: a column renamed later in
+        the stream is read under its current name.
+        """
         from datasync.engine import snapshotting
 
+        current = dict(
+            self.source.execute(
+                "SELECT attnum, attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                "AND NOT attisdropped",
+                (self.state.source.sql,),
+            ).fetchall()
+        )
+        columns = [c for c in columns if c.attnum in current]
         keys = [self._column(k) for k in self.state.key]
-        sel = ", ".join(quote(c.name) for c in keys + columns)
-        try:
-            buf = bytearray()
-            with self.source.cursor().copy(f"COPY (SELECT {sel} FROM {self.state.source.sql}) TO STDOUT (FORMAT csv)") as cp:
-                for block in cp:
-                    buf += block
-        except psycopg.errors.UndefinedColumn:
-            return  # the column is gone again at the source; a later Relation message follows
+        if not columns or any(k.attnum not in current for k in keys):
+            return  # gone again at the source; later Relation messages follow
+        sel = ", ".join(quote(current[c.attnum]) for c in keys + columns)
+        buf = bytearray()
+        with self.source.cursor().copy(f"COPY (SELECT {sel} FROM {self.state.source.sql}) TO STDOUT (FORMAT csv)") as cp:
+            for block in cp:
+                buf += block
         if not buf:
             return
         data = snapshotting.read_csv(bytes(buf), len(keys) + len(columns))
@@ -308,3 +302,50 @@ class TableApplier:
 
 def _mapping(col: duckfile.TargetColumn) -> typemaps.Mapping:
     return typemaps.Mapping(col.duck_type, col.pg_base)
+
+
+def match_columns(
+    old: list[duckfile.TargetColumn],
+    layout: list[pgoutput.RelationColumn],
+    alive: Callable[[int], bool],
+) -> tuple[list[tuple[duckfile.TargetColumn | None, pgoutput.RelationColumn]], list[duckfile.TargetColumn]]:
+    """Match a new Relation layout to the target's columns.
+
+    Returns (pairs in layout order: (old column or None for an added one, new
+    column), dropped old columns).  A Relation message lists columns in attnum
+    order and PostgreSQL appends added columns at the end, so a new name placed
+    before a surviving column is a rename of a missing column in that gap; new
+    names at the tail are renames only while the source still has the missing
+    column's attnum (``alive``), otherwise additions.
+    """
+    by_name = {c.name: c for c in old}
+    ordered = sorted(old, key=lambda c: c.attnum)
+    layout_names = {c.name for c in layout}
+    missing = [c for c in ordered if c.name not in layout_names]
+    pairs: list[tuple[duckfile.TargetColumn | None, pgoutput.RelationColumn]] = []
+    used: set[str] = set()
+    last_attnum = 0
+    for i, rc in enumerate(layout):
+        match = by_name.get(rc.name)
+        if match is not None:
+            pairs.append((match, rc))
+            used.add(match.name)
+            last_attnum = match.attnum
+            continue
+        later = [by_name[c.name].attnum for c in layout[i + 1 :] if c.name in by_name]
+        bound = min(later) if later else None
+        gap = [
+            c for c in missing
+            if c.name not in used and c.attnum > last_attnum and (bound is None or c.attnum < bound)
+        ]
+        living = [c for c in gap if alive(c.attnum)]
+        if bound is None or living:
+            gap = living  # at the tail a dead attnum means an addition; in a gap prefer live ones
+        if gap:
+            pairs.append((gap[0], rc))
+            used.add(gap[0].name)
+            last_attnum = gap[0].attnum
+        else:
+            pairs.append((None, rc))
+    dropped = [c for c in old if c.name not in used]
+    return pairs, dropped

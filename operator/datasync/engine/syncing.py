@@ -124,7 +124,8 @@ def snapshot(
             reader.close()
         reporter.snapshot_started(table.name, est)
         state = duckfile.TableState(
-            table.name, table.name, "snapshotting", snap.consistent_lsn, _target_columns(table), list(table.key), 0
+            table.name, table.name, "snapshotting", snap.consistent_lsn, _target_columns(table), list(table.key), 0,
+            table.max_attnum,
         )
         target.begin()
         try:

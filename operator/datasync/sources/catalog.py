@@ -39,6 +39,7 @@ class Table:
     replica_identity: str
     leaves: tuple[identifiers.TableName, ...]  # heap relations to read (itself or leaf partitions)
     est_rows: int
+    max_attnum: int  # pg_class.relnatts: attnums ever used, dropped columns included
 
     def column(self, name: str) -> Column:
         for col in self.columns:
@@ -86,7 +87,7 @@ class TypeResolver:
 def describe(conn: psycopg.Connection[Any], name: identifiers.TableName) -> Table:
     """Describe ``name`` or raise a SourceError that says what is wrong."""
     row = conn.execute(
-        """SELECT c.oid, c.relkind, c.relreplident, greatest(c.reltuples, 0)::bigint
+        """SELECT c.oid, c.relkind, c.relreplident, greatest(c.reltuples, 0)::bigint, c.relnatts
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname = %s AND c.relname = %s""",
         (name.schema, name.name),
@@ -97,7 +98,7 @@ def describe(conn: psycopg.Connection[Any], name: identifiers.TableName) -> Tabl
             "check the schema and table name; names with capitals or spaces must be quoted "
             "SQL-style, e.g. --table '\"Sales Dept\".\"Order Items\"'",
         )
-    oid, relkind, replident, est_rows = row
+    oid, relkind, replident, est_rows, relnatts = row
     if relkind not in ("r", "p"):
         raise errors.SourceError(
             f"{name} is not a table (relkind {relkind!r})", "only ordinary and partitioned tables can be synced"
@@ -147,7 +148,7 @@ def describe(conn: psycopg.Connection[Any], name: identifiers.TableName) -> Tabl
         est_rows = int(est[0]) if est else 0
     else:
         leaves = (name,)
-    return Table(name, oid, columns, key, replident, leaves, int(est_rows))
+    return Table(name, oid, columns, key, replident, leaves, int(est_rows), int(relnatts))
 
 
 def _index_columns(conn: psycopg.Connection[Any], oid: int, flag: str) -> tuple[str, ...]:

@@ -46,6 +46,7 @@ class TableState:
     columns: list[TargetColumn]
     key: list[str]
     rows_snapshotted: int
+    max_attnum: int = 0  # highest attnum the source table has used (dropped columns count)
 
 
 class DuckTarget:
@@ -94,6 +95,7 @@ class DuckTarget:
                     columns JSON NOT NULL,
                     key JSON NOT NULL,
                     rows_snapshotted BIGINT NOT NULL,
+                    max_attnum INTEGER NOT NULL,
                     updated_at TIMESTAMPTZ NOT NULL,
                     PRIMARY KEY (source_schema, source_table))"""
         )
@@ -133,14 +135,15 @@ class DuckTarget:
     def table_states(self) -> dict[identifiers.TableName, TableState]:
         rows = self.con.execute(
             f"""SELECT source_schema, source_table, target_schema, target_table, state, snapshot_lsn,
-                       columns, key, rows_snapshotted FROM {META}.tables"""
+                       columns, key, rows_snapshotted, max_attnum FROM {META}.tables"""
         ).fetchall()
         out = {}
-        for s, t, ts, tt, state, lsn, cols, key, nrows in rows:
+        for s, t, ts, tt, state, lsn, cols, key, nrows, max_attnum in rows:
             name = identifiers.TableName(s, t)
             out[name] = TableState(
                 name, identifiers.TableName(ts, tt), state, int(lsn),
                 [TargetColumn(**c) for c in json.loads(cols)], list(json.loads(key)), int(nrows),
+                int(max_attnum),
             )
         return out
 
@@ -176,10 +179,10 @@ class DuckTarget:
 def save_table_state(con: Any, st: TableState) -> None:
     """Upsert a table's metadata row (inside the caller's transaction)."""
     con.execute(
-        f"""INSERT OR REPLACE INTO {META}.tables VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())""",
+        f"""INSERT OR REPLACE INTO {META}.tables VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())""",
         [
             st.source.schema, st.source.name, st.target.schema, st.target.name, st.state,
             st.snapshot_lsn, json.dumps([c.as_json() for c in st.columns]), json.dumps(st.key),
-            st.rows_snapshotted,
+            st.rows_snapshotted, st.max_attnum,
         ],
     )
