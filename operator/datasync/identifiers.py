@@ -47,6 +47,10 @@ def split_qualified(text: str) -> list[str]:
             word = text[i:j].strip()
             if not word:
                 raise errors.DataSyncError(f"empty name part in {text!r}", "use SCHEMA.TABLE")
+            if '"' in word:
+                raise errors.DataSyncError(
+                    f"stray double quote in table name {text!r}", 'quote whole names: \'"My Schema"."My Table"\''
+                )
             parts.append(word.lower())
             i = j
         if i < n:
