@@ -1,0 +1,111 @@
+"""Every source problem: clear message on stderr, non-zero exit, nothing left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from datasync.sources.embedded import EmbeddedPostgres, free_port
+from tests import helpers
+
+
+def _sync(dsn: str, target: str, *tables: str) -> tuple[int, str]:
+    args = ["sync", "--source", dsn, "--target", target, "--once", "--quiet"]
+    for t in tables:
+        args += ["--table", t]
+    res = helpers.cli(*args)
+    return res.returncode, res.stderr
+
+
+def _nothing_left(src: helpers.Source) -> None:
+    assert src.slots() == []
+    assert src.publications() == []
+
+
+@pytest.fixture(scope="module")
+def replica_server() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres(settings={"wal_level": "replica"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tight_server() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres(settings={"max_replication_slots": "2"}) as server:
+        yield server
+
+
+def test_unreachable_source(duck_path: str) -> None:
+    code, err = _sync(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres", duck_path, "t")
+    assert code == 2
+    assert "cannot reach the source PostgreSQL" in err and "hint:" in err
+    assert "secret" not in err
+
+
+def test_invalid_dsn(duck_path: str) -> None:
+    code, err = _sync("host=127.0.0.1 port=notaport password=secret", duck_path, "t")
+    assert code == 2
+    assert "invalid source DSN" in err or "cannot" in err
+    assert "secret" not in err
+
+
+def test_authentication_failure(pg: helpers.Source, duck_path: str) -> None:
+    dsn = pg.server.dsn(pg.dbname, user="postgres", password="wrong-password")
+    code, err = _sync(dsn, duck_path, "t")
+    assert code == 2
+    assert "authentication failed" in err and "password" in err
+    assert "wrong-password" not in err
+
+
+def test_wal_level_not_logical(replica_server: EmbeddedPostgres, duck_path: str) -> None:
+    src = helpers.Source(replica_server, "postgres")
+    src.execute("CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY)")
+    code, err = _sync(src.dsn, duck_path, "t")
+    assert code == 2
+    assert "wal_level = replica" in err and "ALTER SYSTEM SET wal_level = logical" in err and "restart" in err
+    _nothing_left(src)
+
+
+def test_missing_table(pg: helpers.Source, duck_path: str) -> None:
+    code, err = _sync(pg.dsn, duck_path, "public.nope")
+    assert code == 2
+    assert "source table public.nope does not exist" in err
+    _nothing_left(pg)
+
+
+def test_table_without_primary_key(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE ok (id int PRIMARY KEY); CREATE TABLE nokey (a int, b text)")
+    code, err = _sync(pg.dsn, duck_path, "ok", "nokey")
+    assert code == 2
+    assert "no primary key" in err and "REPLICA IDENTITY FULL" in err
+    _nothing_left(pg)
+
+
+def test_missing_replication_privilege(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pg.execute("DROP ROLE IF EXISTS plain; CREATE ROLE plain LOGIN PASSWORD 'pw-plain'; GRANT SELECT ON t TO plain")
+    code, err = _sync(pg.server.dsn(pg.dbname, user="plain", password="pw-plain"), duck_path, "t")
+    assert code == 2
+    assert "lacks the REPLICATION privilege" in err and "ALTER ROLE" in err
+    _nothing_left(pg)
+
+
+def test_too_few_free_slots(tight_server: EmbeddedPostgres, duck_path: str) -> None:
+    src = helpers.Source(tight_server, "postgres")
+    src.execute("CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY)")
+    src.execute("SELECT pg_create_logical_replication_slot('occupied', 'pgoutput')")
+    try:
+        code, err = _sync(src.dsn, duck_path, "t")
+        assert code == 2
+        assert "1 free replication slot(s), this sync needs 2" in err and "max_replication_slots" in err
+        assert src.slots() == ["occupied"] and src.publications() == []
+    finally:
+        src.execute("SELECT pg_drop_replication_slot('occupied')")
+
+
+def test_no_target_file_created_on_source_error(pg: helpers.Source, duck_path: str) -> None:
+    import os
+
+    code, _ = _sync(pg.dsn, duck_path, "missing_table")
+    assert code == 2
+    assert not os.path.exists(duck_path)
