@@ -128,6 +128,8 @@ def fetch_duck(path: str, table: str) -> tuple[dict[str, str], list[tuple[Any, .
                 [name.schema, name.name],
             ).fetchall()
         }
+        if not types:
+            return types, []
         parts = []
         for c, t in types.items():
             canon = _canon(t)
