@@ -12,7 +12,6 @@ from rich.progress import (
     Progress,
     TaskID,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
@@ -27,11 +26,10 @@ class RichReporter:
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=self.console,
             transient=False,
         )
@@ -39,6 +37,7 @@ class RichReporter:
         self.started: dict[identifiers.TableName, float] = {}
         self.cdc_task: TaskID | None = None
         self._last_cdc = 0.0
+        self.applied_lsn = 0
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -51,7 +50,7 @@ class RichReporter:
 
     def snapshot_started(self, table: identifiers.TableName, est_rows: int) -> None:
         self.started[table] = time.monotonic()
-        self.tasks[table] = self.progress.add_task(f"snapshot {table}", total=max(est_rows, 1), rate="")
+        self.tasks[table] = self.progress.add_task(str(table), total=max(est_rows, 1), rate="")
 
     def snapshot_rows(self, table: identifiers.TableName, rows: int) -> None:
         task = self.tasks[table]
@@ -65,13 +64,17 @@ class RichReporter:
         task = self.tasks[table]
         self.progress.update(task, total=rows, completed=rows, rate=f"{rows / max(seconds, 1e-6):,.0f} rows/s")
 
+    def cdc_task_started(self) -> bool:
+        return self.cdc_task is not None
+
     def batch(self, stats: streaming.Stats) -> None:
+        self.applied_lsn = max(self.applied_lsn, stats.applied_lsn, stats.confirmed_lsn)
         now = time.monotonic()
+        if self.cdc_task is None:
+            self.cdc_task = self.progress.add_task("cdc", total=None, rate="")
         if now - self._last_cdc < 0.25:
             return
         self._last_cdc = now
-        if self.cdc_task is None:
-            self.cdc_task = self.progress.add_task("cdc", total=None, rate="")
         elapsed = max(now - stats.started, 1e-6)
         lag = "-" if stats.lag_seconds is None else f"{stats.lag_seconds:.2f}s"
         self.progress.update(

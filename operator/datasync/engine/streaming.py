@@ -40,6 +40,7 @@ class Stats:
     last_commit_ts_us: int | None = None
     lag_seconds: float | None = None
     lag_bytes: int = 0
+    confirmed_lsn: int = 0  # the slot's position: past applied_lsn when idle WAL was skipped
     started: float = dataclasses.field(default_factory=time.monotonic)
     lag_samples: list[float] = dataclasses.field(default_factory=list)
 
@@ -207,6 +208,7 @@ class ChangeStream:
         cur = replication.current_lsn(self.control)
         info = replication.slot_info(self.control, self.slot)
         confirmed = info.confirmed_flush if info else self.stats.applied_lsn
+        self.stats.confirmed_lsn = confirmed
         self.stats.lag_bytes = max(0, cur - max(confirmed, self.stats.applied_lsn))
         if self.stats.lag_bytes == 0:
             self.stats.lag_seconds = 0.0
