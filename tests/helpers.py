@@ -65,7 +65,7 @@ def _norm(v: Any) -> Any:
     if isinstance(v, memoryview):
         return bytes(v)
     if isinstance(v, dt.datetime) and v.tzinfo is not None:
-        return v.astimezone(dt.timezone.utc).isoformat()
+        return v.astimezone(dt.UTC).isoformat()
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=True)
     if isinstance(v, decimal.Decimal):
@@ -159,7 +159,7 @@ def assert_same(src: Source, path: str, table: str) -> int:
             other = by_first.get(r[0])
             if other is not None:
                 cols = list(types)
-                diffs.append({cols[i]: (a, b) for i, (a, b) in enumerate(zip(r, other)) if a != b})
+                diffs.append({cols[i]: (a, b) for i, (a, b) in enumerate(zip(r, other, strict=False)) if a != b})
         raise AssertionError(
             f"{table}: {len(pg_rows)} source rows, {len(duck_rows)} target rows; column diffs {diffs}; "
             f"missing {sorted(missing, key=repr)[:5]} extra {sorted(extra, key=repr)[:5]}"

@@ -209,4 +209,4 @@ def summary(console: Console, dsn: str, target: str, result: syncing.Result, wri
     )
 
 
-__all__ = ["run", "seed", "live_writer", "Path"]
+__all__ = ["Path", "live_writer", "run", "seed"]

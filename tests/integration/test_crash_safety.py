@@ -79,7 +79,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(pg: helpers.Source, duc
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 kills += 1
-            out, err = proc.communicate(timeout=30)
+            _out, err = proc.communicate(timeout=30)
             assert proc.returncode in (-signal.SIGKILL, 0), err
     finally:
         stop.set()
@@ -102,6 +102,6 @@ def test_follow_stops_cleanly_on_sigterm(pg: helpers.Source, duck_path: str) -> 
     pg.execute("INSERT INTO f VALUES (101, 1)")
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert helpers.assert_same(pg, duck_path, "f") == 101  # streamed before the signal, no --once needed

@@ -103,7 +103,12 @@ def test_parallel_chunks_partitions_and_quoting(pg: helpers.Source, duck_path: s
     assert helpers.assert_same(pg, duck_path, '"Sales Dept"."Order Items"') == 20000
     assert helpers.assert_same(pg, duck_path, "public.events") == 30000
     con = duckdb.connect(duck_path, read_only=True)
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema <> '_datasync'").fetchall()}
+    tables = {
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema <> '_datasync'"
+        ).fetchall()
+    }
     con.close()
     assert tables == {"Order Items", "events"}  # partitions land in their root; no bookkeeping tables
 

@@ -122,7 +122,7 @@ class TableApplier:
 
     def _merge(self, new: list[pgoutput.Value], prior: Entry, lookup: tuple[Any, ...]) -> Entry:
         assert prior.values is not None
-        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior.values)]
+        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior.values, strict=False)]
         if pgoutput.UNCHANGED in merged:
             self.has_unchanged = True
             return Entry(UPSERT, merged, prior.lookup or lookup)
@@ -161,7 +161,7 @@ class TableApplier:
                 if any(flags):
                     unchanged_cols.append(i)
                     arrays[f"u{i}"] = pa.array(flags, pa.bool_())
-                    val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags)]
+                    val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags, strict=False)]
             lookups = [e.lookup if e.lookup is not None else k for k, e in entries]
             for j in range(nkey):
                 arrays[f"l{j}"] = pa.array([lk[j] for lk in lookups], pa.string())
@@ -229,23 +229,23 @@ class TableApplier:
         for old in dropped:
             log.info("schema change on %s: drop column %s", self.state.source, old.name)
             self.con.execute(f"ALTER TABLE {t} DROP COLUMN {quote(old.name)}")
-        for old, rc in pairs:
+        for prev, rc in pairs:
             mapping = resolver.resolve(rc.type_oid, rc.typmod)
-            if old is None:
+            if prev is None:
                 next_attnum += 1
                 attnum = next_attnum
             else:
-                attnum = old.attnum
+                attnum = prev.attnum
             col = duckfile.TargetColumn(rc.name, rc.type_oid, rc.typmod, mapping.duck_type, mapping.pg_base, attnum)
-            if old is None:
+            if prev is None:
                 log.info("schema change on %s: add column %s %s", self.state.source, col.name, col.duck_type)
                 self.con.execute(f"ALTER TABLE {t} ADD COLUMN {quote(col.name)} {col.duck_type}")
                 backfill.append(col.name)
             else:
-                if old.name != rc.name:
-                    log.info("schema change on %s: rename column %s to %s", self.state.source, old.name, rc.name)
-                    self.con.execute(f"ALTER TABLE {t} RENAME COLUMN {quote(old.name)} TO {quote(rc.name)}")
-                if (old.type_oid, old.typmod) != (rc.type_oid, rc.typmod):
+                if prev.name != rc.name:
+                    log.info("schema change on %s: rename column %s to %s", self.state.source, prev.name, rc.name)
+                    self.con.execute(f"ALTER TABLE {t} RENAME COLUMN {quote(prev.name)} TO {quote(rc.name)}")
+                if (prev.type_oid, prev.typmod) != (rc.type_oid, rc.typmod):
                     log.info("schema change on %s: column %s is now %s", self.state.source, col.name, col.duck_type)
                     self.con.execute(
                         f"ALTER TABLE {t} ALTER COLUMN {quote(col.name)} SET DATA TYPE {col.duck_type} "

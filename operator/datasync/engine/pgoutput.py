@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Final, Union
+from typing import Final
 
 PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in µs since the Unix epoch
 
@@ -28,7 +28,7 @@ class _Unchanged:
 
 
 UNCHANGED: Final = _Unchanged()
-Value = Union[str, bytes, None, _Unchanged]
+Value = str | bytes | None | _Unchanged
 Tuple = list[Value]
 
 
@@ -148,10 +148,10 @@ class StreamAbort:
     abort_ts_us: int | None = None
 
 
-Message = Union[
-    Begin, Commit, Origin, Relation, Type, Insert, Update, Delete, Truncate,
-    LogicalMessage, StreamStart, StreamStop, StreamCommit, StreamAbort,
-]
+Message = (
+    Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate
+    | LogicalMessage | StreamStart | StreamStop | StreamCommit | StreamAbort
+)
 
 
 class DecodeError(ValueError):

@@ -7,6 +7,7 @@ message plus a hint.  DSNs are shown redacted, never with their password.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import psycopg
 from psycopg import conninfo
@@ -41,11 +42,11 @@ def _options() -> str:
 
 def connect(dsn: str, *, autocommit: bool = True, replication: bool = False) -> psycopg.Connection[tuple]:  # type: ignore[type-arg]
     """Open a connection with DataSync's session settings, or raise SourceError."""
-    kwargs: dict[str, str] = {"options": _options()}
+    kwargs: dict[str, Any] = {"options": _options(), "connect_timeout": 10}
     if replication:
         kwargs["replication"] = "database"
     try:
-        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10, **kwargs)
+        conn = psycopg.connect(dsn, autocommit=autocommit, **kwargs)
     except psycopg.ProgrammingError as exc:
         raise errors.SourceError(
             f"invalid source DSN: {exc}",

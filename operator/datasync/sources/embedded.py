@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar
 
 with warnings.catch_warnings():  # the wheel's import warns about XDG_RUNTIME_DIR
     warnings.simplefilter("ignore")
@@ -56,7 +57,7 @@ class EmbeddedPostgres:
     defaults enable logical replication with enough slots for tests.
     """
 
-    DEFAULT_SETTINGS: dict[str, str] = {
+    DEFAULT_SETTINGS: ClassVar[dict[str, str]] = {
         "wal_level": "logical",
         "max_replication_slots": "20",
         "max_wal_senders": "20",

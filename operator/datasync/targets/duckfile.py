@@ -116,13 +116,13 @@ class DuckTarget:
         ).fetchone()
         if not row or row[0] is None:
             return None
-        return dt.datetime.fromtimestamp(row[0] / 1e6, tz=dt.timezone.utc)
+        return dt.datetime.fromtimestamp(row[0] / 1e6, tz=dt.UTC)
 
     def write_checkpoint(
         self, slot: str, lsn: int, commit_ts_us: int | None, partial: tuple[int, int] = (0, 0)
     ) -> None:
         """Record ``lsn`` as applied; call inside the transaction that applied it."""
-        ts = None if commit_ts_us is None else dt.datetime.fromtimestamp(commit_ts_us / 1e6, tz=dt.timezone.utc)
+        ts = None if commit_ts_us is None else dt.datetime.fromtimestamp(commit_ts_us / 1e6, tz=dt.UTC)
         self.con.execute(
             f"""INSERT INTO {META}.checkpoint VALUES (?, ?, ?, now(), ?, ?)
                 ON CONFLICT (slot) DO UPDATE SET applied_lsn = excluded.applied_lsn,
