@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q tests/unit tests/integration
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

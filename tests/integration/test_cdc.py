@@ -112,3 +112,15 @@ def test_replica_identity_full_without_primary_key(pg: helpers.Source, duck_path
     pg.execute("UPDATE logs SET b = 'upd' WHERE a < 10; DELETE FROM logs WHERE a > 90; INSERT INTO logs VALUES (NULL, NULL)")
     helpers.sync_once(pg, duck_path, "logs")
     assert helpers.assert_same(pg, duck_path, "logs") == 91
+
+
+def test_all_types_through_cdc(pg: helpers.Source, duck_path: str) -> None:
+    from tests.integration.test_snapshot import ROWS, TYPES_DDL
+
+    pg.execute(TYPES_DDL)
+    helpers.sync_once(pg, duck_path, "alltypes")
+    pg.execute(ROWS)
+    pg.execute("UPDATE alltypes SET t = 'changed', iv = iv * 2 WHERE id = 1; DELETE FROM alltypes WHERE id = 4")
+    res = helpers.sync_once(pg, duck_path, "alltypes")
+    assert res.stats.changes == 6
+    assert helpers.assert_same(pg, duck_path, "alltypes") == 3

@@ -42,7 +42,7 @@ INSERT INTO alltypes VALUES
   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '-178000000 years',
   NULL, 'null', '"str"', NULL, NULL, NULL, '{{1,2},{3,4}}', NULL, NULL, NULL),
  (4, 1, 1, 1, 1e100, 99.99, -1, 1.1, 0.1, true, 'ünïcödé ✓ 😀', 'x', 'y', '\\xdeadbeef',
-  '0001-01-01', '12:00', '12:00+00', '2000-01-01 00:00:00', '2000-01-01 00:00:00.000001+00',
+  '0044-03-15 BC', '12:00', '12:00+00', '0001-12-31 23:59:59 BC', '0100-01-01 00:00:00.000001+00 BC',
   '-1 mons -2 days -03:04:05', NULL, '{"nested": {"deep": [true, false]}}', '{"k": 1.50}', '2001:db8::1', NULL, NULL,
   NULL, '{""}', 'ok', 2)
 """

@@ -47,7 +47,7 @@ DOC_ROWS: list[tuple[str, str, str]] = [
     ("boolean", "BOOLEAN", "exact"),
     ("text, varchar(n), char(n), name", "VARCHAR", "exact (char(n) keeps its padding)"),
     ("bytea", "BLOB", "exact bytes"),
-    ("date, time, timestamp", "DATE, TIME, TIMESTAMP", "exact (µs); ±infinity kept"),
+    ("date, time, timestamp", "DATE, TIME, TIMESTAMP", "exact (µs); ±infinity and BC dates kept"),
     ("timetz, timestamptz", "TIMETZ, TIMESTAMPTZ", "exact instant (µs), UTC"),
     ("interval", "INTERVAL", "exact months/days/µs"),
     ("uuid", "UUID", "exact"),
@@ -75,6 +75,10 @@ class Mapping:
             return f"CAST(replace({expr}, '+', '') AS INTERVAL)"
         if self.duck_type.startswith("DECIMAL"):
             return f"TRY_CAST({expr} AS {self.duck_type})"
+        if self.duck_type in ("DATE", "TIMESTAMP", "TIMESTAMPTZ"):
+            # PostgreSQL writes BC dates as '0044-03-15 BC'; DuckDB reads '0044-03-15 (BC)'
+            bc = rf"regexp_replace(left({expr}, -3), '^(\d+-\d+-\d+)', '\1 (BC)')"
+            return f"CAST(CASE WHEN ends_with({expr}, ' BC') THEN {bc} ELSE {expr} END AS {self.duck_type})"
         return f"CAST({expr} AS {self.duck_type})"
 
 

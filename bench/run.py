@@ -1,0 +1,240 @@
+"""``make bench``: our snapshot and CDC against the strongest baselines, in one run.
+
+Snapshot (1M and 5M rows of mixed types): ``datasync sync --once`` vs DuckDB's
+own postgres_scanner (from its wheel) copying the same table, and the source
+limit (binary COPY read and discarded over 2 connections).  CDC (200k updates,
+50k inserts, 20k deletes in transactions of 1k row changes on a 1M-row table):
+our apply rate vs receiving the same changes from a slot and discarding them,
+and vs one DuckDB statement per change; then end-to-end lag at 5k changes/s.
+Every copy is verified against the source with a row fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+from datasync.engine import pgoutput, streaming, syncing
+from datasync.sources import embedded, replication
+
+console = Console()
+
+SCANNER = """
+import sys, duckdb, duckdb_extension_postgres, os, glob
+ext = glob.glob(os.path.join(os.path.dirname(duckdb_extension_postgres.__file__), "extensions", "*", "*.duckdb_extension"))[0]
+con = duckdb.connect(sys.argv[1])
+con.execute(f"INSTALL '{ext}'")
+con.execute("LOAD postgres")
+con.execute("SET memory_limit = '1GB'")
+con.execute(f"ATTACH '{sys.argv[2]}' AS pg (TYPE postgres, READ_ONLY)")
+con.execute(f"CREATE TABLE {sys.argv[3]} AS SELECT * FROM pg.public.{sys.argv[3]}")
+con.close()
+"""
+
+COPY_LIMIT = """
+import sys, threading, psycopg
+dsn, table = sys.argv[1], sys.argv[2]
+with psycopg.connect(dsn) as c:
+    pages = c.execute(f"SELECT pg_relation_size('{table}') / 8192").fetchone()[0]
+half = pages // 2
+def read(cond):
+    with psycopg.connect(dsn) as c:
+        with c.cursor().copy(f"COPY (SELECT * FROM {table} WHERE {cond}) TO STDOUT (FORMAT binary)") as cp:
+            for _ in cp:
+                pass
+ts = [threading.Thread(target=read, args=(c,)) for c in (f"ctid < '({half},0)'", f"ctid >= '({half},0)'")]
+[t.start() for t in ts]; [t.join() for t in ts]
+"""
+
+
+def snapshot_bench(dsn: str, work: str, rows: int, results: Table) -> None:
+    name = f"mixed_{rows // 1_000_000}m"
+    console.print(f"[bold]generating {name} ({rows:,} rows)…")
+    common.create_mixed(dsn, name, rows)
+    expected = common.fingerprint_pg(dsn, name)
+    ours_path = os.path.join(work, f"ours_{name}.duckdb")
+    env = {**os.environ, "DATASYNC_SOURCE_DSN": dsn}
+    ours = common.measure(
+        [sys.executable, "-m", "datasync", "sync", "--target", ours_path, "--table", name, "--once", "--quiet",
+         "--slot", f"bench_{name}"], env=env,
+    )
+    assert ours.returncode == 0, ours.stderr
+    assert common.fingerprint_duck(ours_path, f"public.{name}") == expected, "our copy differs from the source"
+    ours_types = common.types_duck(ours_path, "public", name)
+    scan_path = os.path.join(work, f"scanner_{name}.duckdb")
+    scan = common.measure(common.python(SCANNER, scan_path, dsn, name))
+    assert scan.returncode == 0, scan.stderr
+    scan_types = common.types_duck(scan_path, "main", name)
+    scan_ok = common.fingerprint_duck(scan_path, name) == expected
+    limit = common.measure(common.python(COPY_LIMIT, dsn, name))
+    assert limit.returncode == 0, limit.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"SELECT pg_drop_replication_slot('bench_{name}')")
+        conn.execute(f"DROP PUBLICATION bench_{name}")
+    for label, run, types, ok in (
+        ("datasync snapshot", ours, ours_types, True),
+        ("postgres_scanner", scan, scan_types, scan_ok),
+        ("binary COPY, discarded (source limit)", limit, None, None),
+    ):
+        results.add_row(
+            f"{rows / 1e6:.0f}M", label, f"{run.seconds:.1f}", f"{rows / run.seconds:,.0f}", f"{run.peak_rss_mb:,.0f}",
+            f"{scan.seconds / run.seconds:.2f}" if run is not limit else f"{limit.seconds / ours.seconds:.2f} (ours/limit)",
+            "-" if types is None else f"n={types['n']}, j={types['j']}",
+            "-" if ok is None else ("✓" if ok else "✗ (differs)"),
+        )
+    for p in (ours_path, scan_path):
+        os.remove(p)
+
+
+def generate_changes(dsn: str, name: str) -> int:
+    """200k updates, 50k inserts, 20k deletes, in transactions of 1k row changes."""
+    with psycopg.connect(dsn, autocommit=False) as conn:
+        for lo in range(1, 200_001, 1000):
+            conn.execute(f"UPDATE {name} SET i = i + 1, s = s || 'u', n = n + 1 WHERE id BETWEEN %s AND %s",
+                         (lo, lo + 999))
+            conn.commit()
+        for lo in range(2_000_001, 2_050_001, 1000):
+            conn.execute(common.MIXED_FILL.format(name=name, lo=lo, hi=lo + 999))
+            conn.commit()
+        for lo in range(500_001, 520_001, 1000):
+            conn.execute(f"DELETE FROM {name} WHERE id BETWEEN %s AND %s", (lo, lo + 999))
+            conn.commit()
+    return 270_000
+
+
+def raw_receive(dsn: str, slot: str, publication: str, upto: int) -> tuple[int, float]:
+    conn = psycopg.connect(dsn, autocommit=True)
+    started = time.perf_counter()
+    n = 0
+    while True:
+        got = 0
+        last_end = 0
+        for data in replication.peek(conn, slot, publication, upto, 50_000):
+            got += 1
+            if data[0] == 0x43:  # Commit: remember its end LSN
+                last_end = pgoutput.decode(data).end_lsn  # type: ignore[union-attr]
+            elif data[0] in b"IUD":
+                n += 1
+        if not got:
+            break
+        replication.advance(conn, slot, last_end)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n, elapsed
+
+
+def naive_rate(path: str, name: str, dsn: str, sample: int = 5000) -> float:
+    """One DuckDB statement per change, on a sample of updates."""
+    import duckdb
+
+    con = duckdb.connect(path)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(f"SELECT id, i, s, n FROM {name} WHERE id > 300000 ORDER BY id LIMIT %s", (sample,)).fetchall()
+    started = time.perf_counter()
+    for rid, i, s, n in rows:
+        con.execute("BEGIN")
+        con.execute(f"UPDATE public.{name} SET i = ?, s = ?, n = ? WHERE id = ?", [i, s, n, rid])
+        con.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    con.close()
+    return sample / elapsed
+
+
+def cdc_bench(dsn: str, work: str, results: Table) -> None:
+    name = "cdc_1m"
+    console.print("[bold]CDC: generating the 1M-row table…")
+    common.create_mixed(dsn, name, 1_000_000)
+    path = os.path.join(work, "cdc.duckdb")
+    slot = "bench_cdc"
+    syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
+    console.print("[bold]CDC: writing 270k changes (slot holds them)…")
+    generate_changes(dsn, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        upto = replication.wait_flushed(conn)
+    n_raw, raw_s = raw_receive(dsn, "bench_raw", slot, upto)
+    started = time.perf_counter()
+    res = syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot, batch_changes=100_000))
+    ours_s = time.perf_counter() - started
+    assert common.fingerprint_duck(path, f"public.{name}") == common.fingerprint_pg(dsn, name), "CDC copy differs"
+    changes = res.stats.changes
+    naive = naive_rate(path, name, dsn)
+    results.add_row("apply 270k changes", f"{changes / ours_s:,.0f}", f"{n_raw / raw_s:,.0f}",
+                    f"{(changes / ours_s) / (n_raw / raw_s):.2f}", f"{naive:,.0f}",
+                    f"{(changes / ours_s) / naive:,.0f}×", "✓")
+    # lag at 5k changes/s offered load
+    stop, done = threading.Event(), threading.Event()
+    stats_box: list[streaming.Stats] = []
+
+    def follow() -> None:
+        r = syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot, follow=True,
+                                        max_batch_seconds=0.05, poll_seconds=0.02), stop=stop)
+        stats_box.append(r.stats)
+        done.set()
+
+    th = threading.Thread(target=follow)
+    th.start()
+    time.sleep(2)
+    offered = 0
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=False) as conn:
+        k = 0
+        while time.perf_counter() - t0 < 20:
+            tick = time.perf_counter()
+            conn.execute(f"UPDATE {name} SET i = i + 1 WHERE id BETWEEN %s AND %s", (k * 100 + 1, k * 100 + 100))
+            conn.commit()
+            k = (k + 1) % 9000
+            offered += 100
+            time.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))  # 50 txns/s x 100 rows = 5k/s
+    rate = offered / (time.perf_counter() - t0)
+    time.sleep(2)
+    stop.set()
+    th.join()
+    lags = sorted(stats_box[0].lag_samples)
+    p50, p99 = lags[len(lags) // 2], lags[max(0, int(len(lags) * 0.99) - 1)]
+    assert common.fingerprint_duck(path, f"public.{name}") == common.fingerprint_pg(dsn, name), "CDC copy differs"
+    results.add_row(f"lag at {rate:,.0f} changes/s", f"p50 {p50 * 1000:.0f} ms", f"p99 {p99 * 1000:.0f} ms", "-",
+                    "-", "-", "✓")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000000,5000000")
+    ap.add_argument("--skip-cdc", action="store_true")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="datasync-bench-")
+    pg = embedded.EmbeddedPostgres(settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"}).start()
+    try:
+        dsn = pg.dsn()
+        snap = Table(title="Snapshot: PostgreSQL → DuckDB (2 cores)")
+        for col in ("rows", "path", "seconds", "rows/s", "peak RSS MB", "scanner time / this", "types", "verified"):
+            snap.add_column(col)
+        for size in [int(s) for s in args.sizes.split(",")]:
+            snapshot_bench(dsn, work, size, snap)
+        console.print(snap)
+        if not args.skip_cdc:
+            cdc = Table(title="CDC apply (2 cores)")
+            for col in ("case", "datasync changes/s", "raw slot receive/s", "ratio to raw", "naive per-change/s",
+                        "vs naive", "verified"):
+                cdc.add_column(col)
+            cdc_bench(dsn, work, cdc)
+            console.print(cdc)
+    finally:
+        pg.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
