@@ -83,8 +83,10 @@ record_time() { # name seconds
 }
 
 # Stamp = what a binary was built from; a binary is rebuilt when missing or its stamp differs.
+# Bump FLAGS_REV when build flags below change, so cached binaries are rebuilt.
+FLAGS_REV=1
 stamp_for() { # component module-version
-    { echo "$1 $2 $GO_VERSION"; cat "$WRAP/$1"/go.mod "$WRAP/$1"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
+    { echo "$1 $2 $GO_VERSION rev$FLAGS_REV"; cat "$WRAP/$1"/go.mod "$WRAP/$1"/*.go 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 missing() { # component stamp bin...  -> prints binaries that need a build
     local comp=$1 st=$2 b

@@ -133,15 +133,14 @@ class ControlPlane:
             raise
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Terminate in reverse start order; kill whatever has not exited after ``timeout``."""
+        """Stop in reverse start order, one at a time (kube-apiserver shuts down in about a second
+        while etcd is still up, but hangs if etcd goes first): SIGTERM, then SIGKILL after ``timeout``."""
         for p in reversed(self._procs):
             if p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in reversed(self._procs):
             try:
-                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                p.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     p.popen.kill()
@@ -172,9 +171,7 @@ class ControlPlane:
             "-out", "ca.crt", cwd=pki,
         )  # fmt: skip
         _openssl("genrsa", "-out", "apiserver.key", "2048", cwd=pki)
-        _openssl(
-            "req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr", cwd=pki
-        )
+        _openssl("req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr", cwd=pki)
         (pki / "apiserver.ext").write_text(
             "basicConstraints=CA:FALSE\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
@@ -195,8 +192,7 @@ class ControlPlane:
         # Static tokens: CSV token,user,uid,"groups".
         self._kcm_token = uuid.uuid4().hex
         (pki / "tokens.csv").write_text(
-            f'{self.admin_token},admin,admin-uid,"system:masters"\n'
-            f"{self._kcm_token},system:kube-controller-manager,kcm-uid\n"
+            f'{self.admin_token},admin,admin-uid,"system:masters"\n{self._kcm_token},system:kube-controller-manager,kcm-uid\n'
         )
         for key in ("ca.key", "apiserver.key", "sa.key", "tokens.csv"):
             (pki / key).chmod(0o600)
@@ -281,6 +277,8 @@ class ControlPlane:
                 f"--client-ca-file={pki / 'ca.crt'}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # A loopback advertise address is refused by the endpoint reconcilers.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={port}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--allow-privileged=true",
@@ -334,9 +332,7 @@ class ControlPlane:
     def _ssl(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
-    def request(
-        self, method: str, path: str, body: Any = None, token: str | None = None, timeout: float = 10
-    ) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None, timeout: float = 10) -> tuple[int, Any]:
         """One API call (admin token by default). Returns (status, parsed JSON or text)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.host + path, data=data, method=method)
@@ -396,9 +392,7 @@ class ControlPlane:
         cmd = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout)
         if check and proc.returncode != 0:
-            raise ControlPlaneError(
-                f"{' '.join(cmd[1:])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}".strip()
-            )
+            raise ControlPlaneError(f"{' '.join(cmd[1:])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}".strip())
         return proc
 
     # ------------------------------------------------------------------ ServiceAccounts
