@@ -127,15 +127,20 @@ def snapshot(
             table.name, table.name, "snapshotting", snap.consistent_lsn, _target_columns(table), list(table.key), 0,
             table.max_attnum,
         )
+        loading = identifiers.TableName(state.target.schema, f"_datasync_load_{state.target.name}")
+        target.begin()
+        target.create_table(loading, state.columns)
+        target.save_table_state(state)
+        target.commit()
+        rows = snapshotting.copy_table(
+            opts.source, snap.snapshot_id, table, target, loading, chunks,
+            workers=opts.snapshot_workers, on_rows=lambda n: reporter.snapshot_rows(table.name, n),
+        )
+        state.state = "streaming"
+        state.rows_snapshotted = rows
         target.begin()
         try:
-            target.create_table(state.target, state.columns)
-            rows = snapshotting.copy_table(
-                opts.source, snap.snapshot_id, table, target, state.target, chunks,
-                workers=opts.snapshot_workers, on_rows=lambda n: reporter.snapshot_rows(table.name, n),
-            )
-            state.state = "streaming"
-            state.rows_snapshotted = rows
+            target.replace_table(state.target, loading)
             target.save_table_state(state)
             target.commit()
         except BaseException:

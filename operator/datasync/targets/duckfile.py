@@ -162,6 +162,11 @@ class DuckTarget:
         cols = ", ".join(f"{quote(c.name)} {c.duck_type}" for c in columns)
         self.con.execute(f"CREATE TABLE {name.sql} ({cols})")
 
+    def replace_table(self, name: identifiers.TableName, loading: identifiers.TableName) -> None:
+        """Put the fully loaded ``loading`` table in place of ``name`` (same schema)."""
+        self.con.execute(f"DROP TABLE IF EXISTS {name.sql}")
+        self.con.execute(f"ALTER TABLE {loading.sql} RENAME TO {quote(name.name)}")
+
     def count(self, name: identifiers.TableName) -> int:
         row = self.con.execute(f"SELECT count(*) FROM {name.sql}").fetchone()
         return int(row[0]) if row else 0
