@@ -85,3 +85,36 @@ def test_lsn_text_round_trip() -> None:
     for lsn in (0, 1, 0x16B3748, 0xFFFFFFFF, 0x1_0000_0000, 0xABCDEF01_23456789):
         assert po.parse_lsn(po.format_lsn(lsn)) == lsn
     assert po.format_lsn(0x16B3748) == "0/16B3748"
+
+
+CHANGES = [
+    b"I" + struct.pack("!I", 5) + b"N" + _tuple("1", None, "héllo", b"\x00\x01"),
+    b"U" + struct.pack("!I", 5) + b"N" + _tuple("1", po.UNCHANGED),
+    b"U" + struct.pack("!I", 5) + b"K" + _tuple("1", None) + b"N" + _tuple("2", "x"),
+    b"U" + struct.pack("!I", 5) + b"O" + _tuple("1", "a") + b"N" + _tuple("1", "b"),
+    b"D" + struct.pack("!I", 4_000_000_000) + b"K" + _tuple("1", None),
+    b"D" + struct.pack("!I", 5) + b"O" + _tuple("", "a" * 70_000),
+    b"B" + struct.pack("!QqI", 1, 2, 3),
+]
+
+
+def test_c_fast_path_is_built() -> None:
+    assert po.SPEEDUPS, "datasync.engine._speedups was not compiled (is a C compiler installed?)"
+
+
+@pytest.mark.parametrize("data", CHANGES)
+def test_c_fast_path_equals_python(data: bytes) -> None:
+    assert po.decode_change(data) == po._py_decode_change(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"I" + struct.pack("!I", 1) + b"X", b"I" + struct.pack("!I", 1) + b"N\x00\x01q",
+     b"U" + struct.pack("!I", 1) + b"K" + _tuple("1"), b"D" + struct.pack("!I", 1) + b"N" + _tuple("1"),
+     b"I" + struct.pack("!I", 1) + b"N\x00\x01t\x00\x00\x00\x09ab", b"I\x00"],
+)
+def test_c_fast_path_rejects_malformed(data: bytes) -> None:
+    with pytest.raises(po.DecodeError):
+        po.decode_change(data)
+    with pytest.raises(po.DecodeError):
+        po._py_decode_change(data)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ UPSERT, DELETE = 0, 1
 class Entry:
     op: int
     values: list[pgoutput.Value] | None
-    lookup: tuple[Any, ...] | None  # key whose target row supplies unchanged values
+    lookup: Any  # key whose target row supplies unchanged values (None: the row's own)
 
 
 class TableApplier:
@@ -59,11 +60,12 @@ class TableApplier:
         self.commit_point = commit_point or (lambda: None)
         self.con = con
         self.source = source
-        self.pending: dict[tuple[Any, ...], Entry] = {}
+        self.pending: dict[Any, Entry] = {}
         self.has_unchanged = False
         self.layout: pgoutput.Relation | None = None
         self.layout_checked = False
         self.key_pos: list[int] = []
+        self._key: Callable[[list[pgoutput.Value]], Any] = operator.itemgetter(0)
         self.applied = 0
 
     @property
@@ -88,10 +90,9 @@ class TableApplier:
             self.commit_point()
         names = [c.name for c in self.layout.columns]
         self.key_pos = [names.index(k) for k in self.state.key]
+        # a single-column key is the value itself, a composite key a tuple
+        self._key = operator.itemgetter(*self.key_pos)
         self.layout_checked = True
-
-    def _key(self, values: list[pgoutput.Value]) -> tuple[Any, ...]:
-        return tuple(values[i] for i in self.key_pos)
 
     def insert(self, new: list[pgoutput.Value]) -> None:
         self._ensure_layout()
@@ -120,7 +121,7 @@ class TableApplier:
         else:
             self.pending[key] = Entry(UPSERT, new, None)
 
-    def _merge(self, new: list[pgoutput.Value], prior: Entry, lookup: tuple[Any, ...]) -> Entry:
+    def _merge(self, new: list[pgoutput.Value], prior: Entry, lookup: Any) -> Entry:
         assert prior.values is not None
         merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior.values, strict=False)]
         if pgoutput.UNCHANGED in merged:
@@ -144,16 +145,18 @@ class TableApplier:
             return 0
         cols = self.state.columns
         ncols, nkey = len(cols), len(self.state.key)
-        entries = list(self.pending.items())
-        key_cols = [[k[j] for k, _ in entries] for j in range(nkey)]
-        is_del = [e.op == DELETE for _, e in entries]
-        val_cols: list[list[Any]] = [[] for _ in range(ncols)]
-        for _, e in entries:
-            vals = e.values if e.values is not None else [None] * ncols
-            for i in range(ncols):
-                val_cols[i].append(vals[i])
+        keys = list(self.pending.keys())
+        entries = list(self.pending.values())
+
+        def split(ks: list[Any]) -> list[Any]:
+            return [ks] if nkey == 1 else [list(c) for c in zip(*ks, strict=True)]
+
+        key_cols = split(keys)
+        nulls = [None] * ncols
+        rows = [e.values if e.values is not None else nulls for e in entries]
+        val_cols: list[Any] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(ncols)]
         arrays: dict[str, pa.Array] = {f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)}
-        arrays["del"] = pa.array(is_del, pa.bool_())
+        arrays["del"] = pa.array([e.op == DELETE for e in entries], pa.bool_())
         unchanged_cols: list[int] = []
         if self.has_unchanged:
             for i in range(ncols):
@@ -161,10 +164,10 @@ class TableApplier:
                 if any(flags):
                     unchanged_cols.append(i)
                     arrays[f"u{i}"] = pa.array(flags, pa.bool_())
-                    val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags, strict=False)]
-            lookups = [e.lookup if e.lookup is not None else k for k, e in entries]
+                    val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags, strict=True)]
+            lookups = split([e.lookup if e.lookup is not None else k for k, e in zip(keys, entries, strict=True)])
             for j in range(nkey):
-                arrays[f"l{j}"] = pa.array([lk[j] for lk in lookups], pa.string())
+                arrays[f"l{j}"] = pa.array(lookups[j], pa.string())
         for i in range(ncols):
             arrays[f"v{i}"] = pa.array(val_cols[i], pa.string())
         stage = pa.table(arrays)

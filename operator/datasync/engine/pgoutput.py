@@ -184,6 +184,8 @@ def _tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
         if kind == 0x74:  # 't'
             (length,) = unpack(buf, pos)
             pos += 4
+            if pos + length > len(buf):
+                raise DecodeError("truncated value")
             append(buf[pos : pos + length].decode("utf-8"))
             pos += length
         elif kind == 0x6E:  # 'n'
@@ -193,6 +195,8 @@ def _tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
         elif kind == 0x62:  # 'b'
             (length,) = unpack(buf, pos)
             pos += 4
+            if pos + length > len(buf):
+                raise DecodeError("truncated value")
             append(bytes(buf[pos : pos + length]))
             pos += length
         else:
@@ -306,6 +310,38 @@ def decode(data: bytes, *, in_stream: bool = False, proto_version: int = 1) -> M
             raise
         raise DecodeError(f"truncated or malformed {chr(tag)!r} message: {exc}") from None
     raise DecodeError(f"unsupported pgoutput message type {chr(tag)!r}")
+
+
+Change = tuple[int, int, "Tuple | None", "Tuple | None", bool]
+
+
+def _py_decode_change(data: bytes) -> Change | None:
+    """(tag, relid, new, old, old_is_key_only) for Insert/Update/Delete, else None.
+
+    The hot path of CDC: no dataclass per change.  A C version
+    (``_speedups.decode_change``) replaces it when it was built.
+    """
+    tag = data[0] if data else 0
+    if tag not in (0x49, 0x55, 0x44):
+        return None
+    msg = decode(data)
+    if isinstance(msg, Insert):
+        return (tag, msg.relid, msg.new, None, True)
+    if isinstance(msg, Update):
+        return (tag, msg.relid, msg.new, msg.old, msg.old_is_key_only)
+    assert isinstance(msg, Delete)
+    return (tag, msg.relid, None, msg.old, msg.old_is_key_only)
+
+
+try:
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
+
+    _speedups.configure(UNCHANGED, DecodeError)
+    decode_change = _speedups.decode_change
+    SPEEDUPS = True
+except ImportError:  # pragma: no cover - exercised where no C compiler was available
+    decode_change = _py_decode_change
+    SPEEDUPS = False
 
 
 def format_lsn(lsn: int) -> str:

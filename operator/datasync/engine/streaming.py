@@ -1,14 +1,17 @@
-"""The CDC loop: read committed transactions from the slot, apply, checkpoint, advance.
+"""The CDC loop: receive committed transactions, apply, checkpoint, confirm.
 
 Exactly-once in effect (DESIGN.md §3): a batch of whole transactions is applied
 in one DuckDB transaction that also stores the batch's end LSN; only after that
-commit is the slot advanced.  After a crash the slot replays from its last
-confirmed position and transactions whose commit LSN is below the stored LSN
-are skipped, so nothing is lost or applied twice.  A table snapshotted at LSN S
-skips changes committed before S: its snapshot already holds them.
+commit is the LSN confirmed to the walsender (which then may drop the WAL).
+After a crash or reconnect the walsender resends from the confirmed position
+and transactions whose commit LSN is below the stored LSN are skipped, so
+nothing is lost or applied twice.  A table snapshotted at LSN S skips changes
+committed before S: its snapshot already holds them.
 
 Large transactions are applied in pieces inside the still-open DuckDB
-transaction, so memory stays bounded while the commit stays atomic.
+transaction, so memory stays bounded while the commit stays atomic.  A schema
+change mid-transaction commits a *partial* checkpoint (commit LSN + number of
+the transaction's changes applied), which a restart honours exactly.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import psycopg
 
 from datasync import identifiers
 from datasync.engine import applying, pgoutput
-from datasync.sources import replication
+from datasync.sources import receiving, replication
 from datasync.targets import duckfile
 
 log = logging.getLogger(__name__)
+
+decode_change = pgoutput.decode_change
+STOP_GRACE_SECONDS = 5.0  # on SIGTERM, how long to wait for a transaction still arriving
 
 
 @dataclasses.dataclass
@@ -49,7 +55,7 @@ class ChangeStream:
     def __init__(
         self,
         *,
-        source: psycopg.Connection[Any],
+        dsn: str,
         control: psycopg.Connection[Any],
         target: duckfile.DuckTarget,
         slot: str,
@@ -60,7 +66,7 @@ class ChangeStream:
         poll_seconds: float = 0.1,
         on_batch: Callable[[Stats], None] | None = None,
     ) -> None:
-        self.source = source
+        self.dsn = dsn
         self.control = control
         self.target = target
         self.slot = slot
@@ -74,83 +80,132 @@ class ChangeStream:
         self.poll_seconds = poll_seconds
         self.on_batch = on_batch
         applied, self._partial_final, self._partial_changes = target.checkpoint(slot)
-        self.stats = Stats(applied_lsn=applied)
+        self.stats = Stats(applied_lsn=applied, confirmed_lsn=applied)
         self._final_lsn = 0
         self._txn_index = 0  # data messages seen in the current transaction
+        self._stream: receiving.Stream | None = None
 
-    # -- one pass over the slot ------------------------------------------------
-    def _round(self, upto: int) -> bool:
-        """Process everything committed up to ``upto``; True if anything was read."""
-        applied = self.stats.applied_lsn
-        seen = False
-        pending = 0
-        batch_started = time.monotonic()
-        last_end = 0
-        last_ts: int | None = None
+    # -- the loop --------------------------------------------------------------
+    def run(self, until: int | None, stop: threading.Event) -> Stats:
+        """Stream until ``until`` is reached (``--once``) or ``stop`` is set (``--follow``)."""
+        stream = self._stream = receiving.Stream(self.dsn, self.slot, self.publication)
+        in_txn = False
         skip_txn = False
-        final_lsn = 0
         skip_upto = 0
-        self.target.begin()
+        final_lsn = 0
+        open_batch = False  # DuckDB transaction open
+        done_txns = 0  # complete transactions in the open DuckDB transaction
+        batch_changes = 0
+        counted = 0  # of batch_changes, already added to stats.changes
+        batch_started = time.monotonic()
+        last_end, last_ts = 0, None
+        applied = self.stats.applied_lsn
+        stopping_since: float | None = None
         try:
-            for data in replication.peek(self.source, self.slot, self.publication, upto, self.batch_changes):
-                seen = True
-                msg = pgoutput.decode(data)
-                if isinstance(msg, pgoutput.Begin):
-                    final_lsn = self._final_lsn = msg.final_lsn
-                    skip_txn = final_lsn < applied
-                    self._txn_index = 0
-                    skip_upto = self._partial_changes if final_lsn == self._partial_final else 0
-                elif isinstance(msg, pgoutput.Commit):
-                    last_end, last_ts = msg.end_lsn, msg.commit_ts_us
-                    self.stats.transactions += 0 if skip_txn else 1
-                    if pending >= self.batch_changes or time.monotonic() - batch_started >= self.max_batch_seconds:
-                        self._commit(last_end, last_ts)
-                        self.target.begin()
-                        pending, batch_started = 0, time.monotonic()
-                elif isinstance(msg, pgoutput.Relation):
-                    ap = self.appliers.get(identifiers.TableName(msg.namespace, msg.name))
-                    self.by_relid[msg.relid] = ap
-                    if ap is not None:
-                        ap.on_relation(msg)
-                elif skip_txn:
-                    continue
-                elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete, pgoutput.Truncate)) and (
-                    self._count_change() <= skip_upto
-                ):
-                    continue  # applied before a restart, in a partly committed transaction
-                elif isinstance(msg, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
-                    ap = self.by_relid.get(msg.relid)
-                    if ap is None or final_lsn < ap.state.snapshot_lsn:
-                        continue
-                    if isinstance(msg, pgoutput.Insert):
-                        ap.insert(msg.new)
-                    elif isinstance(msg, pgoutput.Update):
-                        ap.update(msg.new, msg.old)
-                    else:
-                        ap.delete(msg.old)
-                    pending += 1
-                    self.stats.changes += 1
-                    if len(ap.pending) >= self.batch_changes:
-                        ap.flush()
-                elif isinstance(msg, pgoutput.Truncate):
-                    for relid in msg.relids:
+            while True:
+                msgs = stream.read(10_000, self.poll_seconds)
+                for data in msgs:
+                    change = decode_change(data)
+                    if change is not None:  # the hot path: Insert/Update/Delete
+                        if skip_txn or self._count_change() <= skip_upto:
+                            continue
+                        tag, relid, new, old, _ = change
                         ap = self.by_relid.get(relid)
-                        if ap is not None and final_lsn >= ap.state.snapshot_lsn:
-                            ap.truncate()
-                            pending += 1
-                            self.stats.changes += 1
-            if last_end:
-                self._commit(last_end, last_ts)
-            else:
-                self.target.rollback()
-        except BaseException:
-            self.target.rollback()
-            for ap in self.appliers.values():
-                ap.pending.clear()
-                ap.has_unchanged = False
-            raise
-        return seen
+                        if ap is None or final_lsn < ap.state.snapshot_lsn:
+                            continue
+                        if tag == 0x49:
+                            ap.insert(new)
+                        elif tag == 0x55:
+                            ap.update(new, old)
+                        else:
+                            ap.delete(old)
+                        batch_changes += 1
+                        if len(ap.pending) >= self.batch_changes:
+                            ap.flush()
+                        continue
+                    msg = pgoutput.decode(data)
+                    if isinstance(msg, pgoutput.Begin):
+                        in_txn = True
+                        final_lsn = self._final_lsn = msg.final_lsn
+                        skip_txn = final_lsn < applied
+                        self._txn_index = 0
+                        skip_upto = self._partial_changes if final_lsn == self._partial_final else 0
+                        if not open_batch and not skip_txn:
+                            self.target.begin()
+                            open_batch, batch_started = True, time.monotonic()
+                    elif isinstance(msg, pgoutput.Commit):
+                        in_txn = False
+                        last_end, last_ts = msg.end_lsn, msg.commit_ts_us
+                        if skip_txn:
+                            if not open_batch:
+                                stream.confirm(max(applied, last_end))
+                            continue
+                        done_txns += 1
+                        self.stats.transactions += 1
+                        self.stats.changes += batch_changes - counted
+                        counted = batch_changes
+                        if batch_changes >= self.batch_changes or time.monotonic() - batch_started >= self.max_batch_seconds:
+                            self._commit(last_end, last_ts)
+                            open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
+                    elif isinstance(msg, pgoutput.Relation):
+                        ap = self.appliers.get(identifiers.TableName(msg.namespace, msg.name))
+                        self.by_relid[msg.relid] = ap
+                        if ap is not None:
+                            ap.on_relation(msg)
+                    elif isinstance(msg, pgoutput.Truncate) and not skip_txn:
+                        if self._count_change() <= skip_upto:
+                            continue  # applied before a restart, in a partly committed transaction
+                        for relid in msg.relids:
+                            ap = self.by_relid.get(relid)
+                            if ap is not None and final_lsn >= ap.state.snapshot_lsn:
+                                ap.truncate()
+                        batch_changes += 1
+                if stop.is_set() and stopping_since is None:
+                    stopping_since = time.monotonic()
+                if in_txn:
+                    if stopping_since is not None and time.monotonic() - stopping_since > STOP_GRACE_SECONDS:
+                        break  # a huge transaction is still arriving: leave it for the next run
+                    continue
+                # between transactions: commit the batch when due, check the exit conditions
+                due = time.monotonic() - batch_started >= self.max_batch_seconds
+                if open_batch and done_txns and (not msgs or due or stopping_since is not None):
+                    self._commit(last_end, last_ts)
+                    open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
+                if stopping_since is not None:
+                    break
+                if msgs:
+                    continue
+                if until is not None:
+                    if stream.wal_end >= until:
+                        break
+                    stream.request_status()
+                else:
+                    self._idle()
+            if not in_txn and not open_batch:
+                self._confirm_idle(stream, until)
+        finally:
+            if open_batch:
+                self.target.rollback()  # only an unfinished transaction remains; it is resent
+                for ap in self.appliers.values():
+                    ap.pending.clear()
+                    ap.has_unchanged = False
+            stream.close()
+            self._stream = None
+        self._lag()
+        return self.stats
 
+    def _idle(self) -> None:
+        self._lag()
+        if self.on_batch:
+            self.on_batch(self.stats)
+
+    def _confirm_idle(self, stream: receiving.Stream, until: int | None) -> None:
+        """Everything sent was applied: let the slot move past WAL with no changes for us."""
+        pos = max(self.stats.applied_lsn, min(stream.wal_end, until) if until is not None else stream.wal_end)
+        stream.confirm(pos, force=True)
+        self.stats.confirmed_lsn = pos
+
+    # -- commits ---------------------------------------------------------------
     def _count_change(self) -> int:
         self._txn_index += 1
         return self._txn_index
@@ -172,9 +227,10 @@ class ChangeStream:
         self.target.write_checkpoint(self.slot, lsn, commit_ts)
         self.target.commit()
         self._partial_final = self._partial_changes = 0
-        self.stats.applied_lsn = lsn
+        self.stats.applied_lsn = self.stats.confirmed_lsn = lsn
         self.stats.batches += 1
-        replication.advance(self.control, self.slot, lsn)
+        if self._stream is not None:
+            self._stream.confirm(lsn)
         if commit_ts is not None:
             self.stats.last_commit_ts_us = commit_ts
             lag = time.time() - (commit_ts + pgoutput.PG_EPOCH_US) / 1e6
@@ -183,32 +239,11 @@ class ChangeStream:
         if self.on_batch:
             self.on_batch(self.stats)
 
-    # -- drivers ---------------------------------------------------------------
-    def run_until(self, upto: int) -> Stats:
-        """Apply everything committed up to ``upto`` (``--once``)."""
-        while self._round(upto):
-            pass
-        replication.advance(self.control, self.slot, upto)
-        self._lag()
-        return self.stats
-
-    def follow(self, stop: threading.Event) -> Stats:
-        """Stream until ``stop`` is set; the batch in flight is finished first."""
-        while not stop.is_set():
-            upto = replication.flushed_lsn(self.control)
-            if not self._round(upto):
-                replication.advance(self.control, self.slot, upto)
-                self._lag()
-                if self.on_batch:
-                    self.on_batch(self.stats)
-                stop.wait(self.poll_seconds)
-        return self.stats
-
     def _lag(self) -> None:
         cur = replication.current_lsn(self.control)
         info = replication.slot_info(self.control, self.slot)
         confirmed = info.confirmed_flush if info else self.stats.applied_lsn
-        self.stats.confirmed_lsn = confirmed
-        self.stats.lag_bytes = max(0, cur - max(confirmed, self.stats.applied_lsn))
+        self.stats.confirmed_lsn = max(self.stats.confirmed_lsn, confirmed)
+        self.stats.lag_bytes = max(0, cur - max(self.stats.confirmed_lsn, self.stats.applied_lsn))
         if self.stats.lag_bytes == 0:
             self.stats.lag_seconds = 0.0

@@ -157,7 +157,6 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
     slot = opts.slot or replication.derive_name(opts.target)
     publication = opts.publication or slot
     control = connecting.connect(opts.source)
-    source = connecting.connect(opts.source)
     try:
         checking.check_server(control)
         tables = checking.check_tables(control, names)  # before the target file is created
@@ -173,16 +172,15 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             until = replication.wait_flushed(control)
             snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
             stream = streaming.ChangeStream(
-                source=source, control=control, target=target, slot=slot, publication=publication,
+                dsn=opts.source, control=control, target=target, slot=slot, publication=publication,
                 states=target.table_states(), batch_changes=opts.batch_changes,
                 max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
                 on_batch=reporter.batch,
             )
-            stats = stream.follow(stop) if opts.follow else stream.run_until(until)
+            stats = stream.run(None if opts.follow else until, stop)
             rows = {n: target.count(st.target) for n, st in target.table_states().items()}
             return Result(slot, publication, snapshotted, stats, rows)
         finally:
             target.close()
     finally:
         control.close()
-        source.close()

@@ -36,13 +36,13 @@ def redact(dsn: str) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
-def _options() -> str:
+def options() -> str:
     return " ".join(f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in SESSION_SETTINGS.items())
 
 
 def connect(dsn: str, *, autocommit: bool = True, replication: bool = False) -> psycopg.Connection[tuple]:  # type: ignore[type-arg]
     """Open a connection with DataSync's session settings, or raise SourceError."""
-    kwargs: dict[str, Any] = {"options": _options(), "connect_timeout": 10}
+    kwargs: dict[str, Any] = {"options": options(), "connect_timeout": 10}
     if replication:
         kwargs["replication"] = "database"
     try:
@@ -53,11 +53,11 @@ def connect(dsn: str, *, autocommit: bool = True, replication: bool = False) -> 
             "use a libpq URI like postgresql://user:password@host:5432/dbname",
         ) from None
     except psycopg.OperationalError as exc:
-        raise _explain(dsn, str(exc), replication) from None
+        raise explain(dsn, str(exc), replication) from None
     return conn
 
 
-def _explain(dsn: str, text: str, replication: bool) -> errors.SourceError:
+def explain(dsn: str, text: str, replication: bool) -> errors.SourceError:
     where = redact(dsn)
     low = text.lower()
     if "password authentication failed" in low or "no password supplied" in low:
