@@ -124,3 +124,39 @@ def test_all_types_through_cdc(pg: helpers.Source, duck_path: str) -> None:
     res = helpers.sync_once(pg, duck_path, "alltypes")
     assert res.stats.changes == 6
     assert helpers.assert_same(pg, duck_path, "alltypes") == 3
+
+
+def test_partitioned_composite_key_and_quoted_names(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute(
+        """CREATE SCHEMA "Sales Dept";
+           CREATE TABLE "Sales Dept"."Order Items" ("Order Id" int, "Line" int, "Qty" int, PRIMARY KEY ("Order Id", "Line"));
+           CREATE TABLE ev (id bigint, day date, v text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+           CREATE TABLE ev_a PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+           CREATE TABLE ev_b PARTITION OF ev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+           INSERT INTO ev SELECT g, DATE '2024-12-01' + g % 60, 'x' FROM generate_series(1, 1000) g;
+           INSERT INTO "Sales Dept"."Order Items" SELECT g / 3, g % 3, g FROM generate_series(0, 299) g;"""
+    )
+    helpers.sync_once(pg, duck_path, "ev", '"Sales Dept"."Order Items"')
+    pg.execute(
+        """UPDATE ev SET v = 'moved', day = DATE '2025-06-01' WHERE id <= 10;  -- crosses partitions
+           DELETE FROM ev WHERE id BETWEEN 11 AND 20; INSERT INTO ev VALUES (5000, '2025-02-02', 'new');
+           UPDATE "Sales Dept"."Order Items" SET "Qty" = -1 WHERE "Line" = 1;
+           UPDATE "Sales Dept"."Order Items" SET "Line" = 9 WHERE "Order Id" = 5 AND "Line" = 2;
+           DELETE FROM "Sales Dept"."Order Items" WHERE "Order Id" = 7;"""
+    )
+    helpers.sync_once(pg, duck_path, "ev", '"Sales Dept"."Order Items"')
+    assert helpers.assert_same(pg, duck_path, "ev") == 991
+    assert helpers.assert_same(pg, duck_path, '"Sales Dept"."Order Items"') == 297
+
+
+def test_slot_and_publication_names(pg: helpers.Source, tmp_path: object) -> None:
+    import pathlib
+
+    base = pathlib.Path(str(tmp_path))
+    pg.execute("CREATE TABLE n (id int PRIMARY KEY)")
+    res = helpers.sync_once(pg, str(base / "My Copy.duckdb"), "n")
+    assert res.slot.startswith("datasync_my_copy_") and res.publication == res.slot
+    custom = helpers.sync_once(pg, str(base / "other.duckdb"), "n", slot="custom_slot", publication="custom_pub")
+    assert (custom.slot, custom.publication) == ("custom_slot", "custom_pub")
+    assert set(pg.slots()) == {res.slot, "custom_slot"}
+    assert set(pg.publications()) == {res.slot, "custom_pub"}
