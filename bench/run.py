@@ -26,9 +26,9 @@ from rich.table import Table
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 from datasync.engine import pgoutput, streaming, syncing
-from datasync.sources import embedded, replication
+from datasync.sources import embedded, receiving, replication
 
-console = Console()
+console = Console(width=150)
 
 SCANNER = """
 import sys, duckdb, duckdb_extension_postgres, os, glob
@@ -114,23 +114,27 @@ def generate_changes(dsn: str, name: str) -> int:
 
 
 def raw_receive(dsn: str, slot: str, publication: str, upto: int) -> tuple[int, float]:
-    conn = psycopg.connect(dsn, autocommit=True)
+    """The source limit: the same stream, received and discarded (confirmed as we go)."""
+    stream = receiving.Stream(dsn, slot, publication)
     started = time.perf_counter()
     n = 0
+    last_end = 0
     while True:
-        got = 0
-        last_end = 0
-        for data in replication.peek(conn, slot, publication, upto, 50_000):
-            got += 1
-            if data[0] == 0x43:  # Commit: remember its end LSN
-                last_end = pgoutput.decode(data).end_lsn  # type: ignore[union-attr]
-            elif data[0] in b"IUD":
+        msgs = stream.read(10_000, 0.05)
+        for data in msgs:
+            tag = data[0]
+            if tag in (0x49, 0x55, 0x44):
                 n += 1
-        if not got:
+            elif tag == 0x43:
+                last_end = pgoutput.decode(data).end_lsn  # type: ignore[union-attr]
+        if msgs:
+            stream.confirm(last_end)
+            continue
+        if stream.wal_end >= upto:
             break
-        replication.advance(conn, slot, last_end)
+        stream.request_status()
     elapsed = time.perf_counter() - started
-    conn.close()
+    stream.close()
     return n, elapsed
 
 
