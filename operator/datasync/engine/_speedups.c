@@ -21,7 +21,7 @@ static PyObject *fail(const char *msg) {
     return NULL;
 }
 
-static PyObject *parse_tuple(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *pos) {
+static PyObject *parse_tuple(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *pos, int *unchanged) {
     if (*pos + 2 > len) return fail("truncated tuple header");
     int16_t n = (int16_t)(((uint16_t)buf[*pos] << 8) | buf[*pos + 1]);
     *pos += 2;
@@ -47,6 +47,7 @@ static PyObject *parse_tuple(const unsigned char *buf, Py_ssize_t len, Py_ssize_
             v = Py_None; Py_INCREF(v);
         } else if (kind == 'u') {
             v = UNCHANGED; Py_INCREF(v);
+            *unchanged = 1;
         } else {
             Py_DECREF(list);
             return fail("unknown tuple column kind");
@@ -56,14 +57,14 @@ static PyObject *parse_tuple(const unsigned char *buf, Py_ssize_t len, Py_ssize_
     return list;
 }
 
-/* decode_change(data) -> (tag, relid, new, old, old_is_key_only) for 'I'/'U'/'D', else None */
+/* decode_change(data) -> (tag, relid, new, old, old_is_key_only, new_has_unchanged) for 'I'/'U'/'D', else None */
 static PyObject *decode_change(PyObject *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *buf = (const unsigned char *)view.buf;
     Py_ssize_t len = view.len, pos = 1;
     PyObject *result = NULL, *newt = NULL, *oldt = NULL;
-    int key_only = 1;
+    int key_only = 1, unchanged_new = 0, unchanged_old = 0;
     if (len < 6) {
         if (len >= 1 && (buf[0] == 'I' || buf[0] == 'U' || buf[0] == 'D')) fail("truncated change message");
         else { Py_INCREF(Py_None); result = Py_None; }
@@ -76,23 +77,24 @@ static PyObject *decode_change(PyObject *self, PyObject *arg) {
     unsigned char marker = buf[pos++];
     if (tag == 'I') {
         if (marker != 'N') { fail("insert without new tuple"); goto done; }
-        if (!(newt = parse_tuple(buf, len, &pos))) goto done;
+        if (!(newt = parse_tuple(buf, len, &pos, &unchanged_new))) goto done;
     } else if (tag == 'U') {
         if (marker == 'K' || marker == 'O') {
             key_only = marker == 'K';
-            if (!(oldt = parse_tuple(buf, len, &pos))) goto done;
+            if (!(oldt = parse_tuple(buf, len, &pos, &unchanged_old))) goto done;
             if (pos >= len) { fail("update without new tuple"); goto done; }
             marker = buf[pos++];
         }
         if (marker != 'N') { fail("update without new tuple"); goto done; }
-        if (!(newt = parse_tuple(buf, len, &pos))) goto done;
+        if (!(newt = parse_tuple(buf, len, &pos, &unchanged_new))) goto done;
     } else {
         if (marker != 'K' && marker != 'O') { fail("delete without old tuple"); goto done; }
         key_only = marker == 'K';
-        if (!(oldt = parse_tuple(buf, len, &pos))) goto done;
+        if (!(oldt = parse_tuple(buf, len, &pos, &unchanged_old))) goto done;
     }
-    result = Py_BuildValue("(ikOOO)", (int)tag, (unsigned long)relid, newt ? newt : Py_None,
-                           oldt ? oldt : Py_None, key_only ? Py_True : Py_False);
+    result = Py_BuildValue("(ikOOOO)", (int)tag, (unsigned long)relid, newt ? newt : Py_None,
+                           oldt ? oldt : Py_None, key_only ? Py_True : Py_False,
+                           unchanged_new ? Py_True : Py_False);
 done:
     Py_XDECREF(newt);
     Py_XDECREF(oldt);

@@ -98,7 +98,8 @@ class TableApplier:
         self._ensure_layout()
         self.pending[self._key(new)] = Entry(UPSERT, new, None)
 
-    def update(self, new: list[pgoutput.Value], old: list[pgoutput.Value] | None) -> None:
+    def update(self, new: list[pgoutput.Value], old: list[pgoutput.Value] | None, unchanged: bool | None = None) -> None:
+        """Fold an update; ``unchanged``: whether ``new`` holds UNCHANGED markers (computed if None)."""
         self._ensure_layout()
         key = self._key(new)
         lookup = key
@@ -111,7 +112,9 @@ class TableApplier:
                 if prior is not None and prior.op == UPSERT:
                     self.pending[key] = self._merge(new, prior, lookup)
                     return
-        if pgoutput.UNCHANGED in new:
+        if unchanged is None:
+            unchanged = pgoutput.UNCHANGED in new
+        if unchanged:
             prior = self.pending.get(lookup)
             if prior is not None and prior.op == UPSERT:
                 self.pending[key] = self._merge(new, prior, lookup)

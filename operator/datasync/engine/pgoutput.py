@@ -312,11 +312,11 @@ def decode(data: bytes, *, in_stream: bool = False, proto_version: int = 1) -> M
     raise DecodeError(f"unsupported pgoutput message type {chr(tag)!r}")
 
 
-Change = tuple[int, int, "Tuple | None", "Tuple | None", bool]
+Change = tuple[int, int, "Tuple | None", "Tuple | None", bool, bool]
 
 
 def _py_decode_change(data: bytes) -> Change | None:
-    """(tag, relid, new, old, old_is_key_only) for Insert/Update/Delete, else None.
+    """(tag, relid, new, old, old_is_key_only, new_has_unchanged) for Insert/Update/Delete, else None.
 
     The hot path of CDC: no dataclass per change.  A C version
     (``_speedups.decode_change``) replaces it when it was built.
@@ -326,11 +326,11 @@ def _py_decode_change(data: bytes) -> Change | None:
         return None
     msg = decode(data)
     if isinstance(msg, Insert):
-        return (tag, msg.relid, msg.new, None, True)
+        return (tag, msg.relid, msg.new, None, True, UNCHANGED in msg.new)
     if isinstance(msg, Update):
-        return (tag, msg.relid, msg.new, msg.old, msg.old_is_key_only)
+        return (tag, msg.relid, msg.new, msg.old, msg.old_is_key_only, UNCHANGED in msg.new)
     assert isinstance(msg, Delete)
-    return (tag, msg.relid, None, msg.old, msg.old_is_key_only)
+    return (tag, msg.relid, None, msg.old, msg.old_is_key_only, False)
 
 
 try:

@@ -107,16 +107,19 @@ class ChangeStream:
                 for data in msgs:
                     change = decode_change(data)
                     if change is not None:  # the hot path: Insert/Update/Delete
-                        if skip_txn or self._count_change() <= skip_upto:
+                        if skip_txn:
                             continue
-                        tag, relid, new, old, _ = change
+                        self._txn_index += 1
+                        if self._txn_index <= skip_upto:
+                            continue  # applied before a restart, in a partly committed transaction
+                        tag, relid, new, old, _, unchanged = change
                         ap = self.by_relid.get(relid)
                         if ap is None or final_lsn < ap.state.snapshot_lsn:
                             continue
                         if tag == 0x49:
                             ap.insert(new)
                         elif tag == 0x55:
-                            ap.update(new, old)
+                            ap.update(new, old, unchanged)
                         else:
                             ap.delete(old)
                         batch_changes += 1
