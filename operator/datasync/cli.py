@@ -47,7 +47,8 @@ def main(log_level: str) -> None:
 @click.option("--snapshot-workers", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--batch-size", default=50_000, show_default=True, type=click.IntRange(1), help="Changes per batch.")
 @click.option("--max-batch-seconds", default=0.5, show_default=True, type=click.FloatRange(0.0))
-@click.option("--memory-limit", default="1GB", show_default=True, help="DuckDB memory limit.")
+@click.option("--memory-limit", default="256MB", show_default=True,
+              help="DuckDB buffer memory; the process needs about this plus ~600 MB.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, slot: str | None,
          publication: str | None, snapshot_workers: int, batch_size: int, max_batch_seconds: float,

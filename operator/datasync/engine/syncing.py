@@ -37,7 +37,7 @@ class Options:
     batch_changes: int = 50_000
     max_batch_seconds: float = 0.5
     poll_seconds: float = 0.1
-    memory_limit: str | None = "1GB"
+    memory_limit: str | None = "256MB"
 
 
 class Reporter(Protocol):
