@@ -70,11 +70,11 @@ def _copy_sql(table: catalog.Table, chunk: Chunk) -> str:
     return f"COPY (SELECT {cols} FROM ONLY {chunk.leaf.sql} WHERE {cond}) TO STDOUT (FORMAT csv)"
 
 
-def read_csv(data: bytes, ncols: int) -> pa.Table:
+def read_csv(data: bytes | io.BytesIO, ncols: int) -> pa.Table:
     names = [f"c{i}" for i in range(ncols)]
     return pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=names, block_size=4 << 20),
+        io.BytesIO(data) if isinstance(data, bytes) else data,
+        read_options=pacsv.ReadOptions(column_names=names, block_size=4 << 20, use_threads=False),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
@@ -90,20 +90,20 @@ def _reader(
     out: queue.Queue[Any], failed: threading.Event,
 ) -> None:
     try:
-        conn = connecting.connect(dsn, autocommit=False)
+        conn = connecting.connect_libpq2(dsn)
         try:
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot_id}'")
+            conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            cur = conn.cursor()
+            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
             while not failed.is_set():
                 chunk = work.get()
                 if chunk is None:
                     break
-                buf = bytearray()
-                with conn.cursor().copy(_copy_sql(table, chunk)) as copy:
-                    for block in copy:
-                        buf += block
-                if buf:
-                    out.put(read_csv(bytes(buf), len(table.columns)))
+                buf = io.BytesIO()
+                cur.copy_expert(_copy_sql(table, chunk), buf)  # the per-row loop runs in C
+                if buf.tell():
+                    buf.seek(0)
+                    out.put(read_csv(buf, len(table.columns)))
             conn.rollback()
         finally:
             conn.close()

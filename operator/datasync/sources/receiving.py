@@ -29,17 +29,7 @@ class Stream:
     """One START_REPLICATION session on a logical slot."""
 
     def __init__(self, dsn: str, slot: str, publication: str, proto_version: int = 1) -> None:
-        try:
-            self.conn = psycopg2.connect(
-                dsn,
-                connection_factory=psycopg2.extras.LogicalReplicationConnection,
-                options=connecting.options(),
-                connect_timeout=10,
-            )
-        except psycopg2.OperationalError as exc:
-            raise connecting.explain(dsn, str(exc), True) from None
-        except psycopg2.ProgrammingError as exc:
-            raise errors.SourceError(f"invalid source DSN: {exc}") from None
+        self.conn = connecting.connect_libpq2(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
         self.cur: Any = self.conn.cursor()
         try:
             self.cur.start_replication(
