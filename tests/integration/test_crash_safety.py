@@ -47,7 +47,8 @@ def _writer(dsn: str, stop: threading.Event, seed: int) -> int:
 
 
 def _start_follow(dsn: str, target: str, *tables: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "datasync", "sync", "--source", dsn, "--target", target, "--follow", "--quiet",
+    args = [sys.executable, "-m", "datasync", "--log-level", "WARNING", "sync", "--source", dsn, "--target", target,
+            "--follow", "--quiet",
             "--max-batch-seconds", "0.05", "--batch-size", "500"]
     for t in tables:
         args += ["--table", t]
@@ -105,3 +106,22 @@ def test_follow_stops_cleanly_on_sigterm(pg: helpers.Source, duck_path: str) -> 
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert helpers.assert_same(pg, duck_path, "f") == 101  # streamed before the signal, no --once needed
+
+
+def test_follow_survives_a_source_restart(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE r (id int PRIMARY KEY, v int); INSERT INTO r SELECT g, 0 FROM generate_series(1, 100) g")
+    proc = _start_follow(pg.dsn, duck_path, "r")
+    try:
+        time.sleep(2.0)
+        pg.execute("UPDATE r SET v = 1 WHERE id <= 10")
+        time.sleep(1.0)
+        pg.server.restart()  # the walsender and every connection die
+        pg.execute("UPDATE r SET v = 2 WHERE id > 90; INSERT INTO r VALUES (101, 3)")
+        time.sleep(4.0)
+        assert proc.poll() is None, proc.communicate()[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "reconnecting" in err
+    assert helpers.assert_same(pg, duck_path, "r") == 101

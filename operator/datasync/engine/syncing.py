@@ -16,6 +16,7 @@ import threading
 from typing import Any, Protocol
 
 import psycopg
+import psycopg2
 
 from datasync import errors, identifiers
 from datasync.engine import snapshotting, streaming
@@ -171,16 +172,48 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             ensure_replication(control, publication, slot, tables)
             until = replication.wait_flushed(control)
             snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
-            stream = streaming.ChangeStream(
-                dsn=opts.source, control=control, target=target, slot=slot, publication=publication,
-                states=target.table_states(), batch_changes=opts.batch_changes,
-                max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
-                on_batch=reporter.batch,
-            )
-            stats = stream.run(None if opts.follow else until, stop)
+            backoff = 0.5
+            while True:
+                stream = streaming.ChangeStream(
+                    dsn=opts.source, control=control, target=target, slot=slot, publication=publication,
+                    states=target.table_states(), batch_changes=opts.batch_changes,
+                    max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
+                    on_batch=reporter.batch,
+                )
+                try:
+                    stats = stream.run(None if opts.follow else until, stop)
+                    break
+                except (psycopg.OperationalError, psycopg2.OperationalError, errors.SourceError) as exc:
+                    # --follow rides out source restarts and network blips: the stream
+                    # resumes from the target's checkpoint, nothing is lost or repeated
+                    if not opts.follow or stop.is_set():
+                        raise
+                    log.warning("source connection lost (%s); reconnecting in %.1fs", str(exc).strip(), backoff)
+                    if stop.wait(backoff):
+                        stats = stream.stats
+                        break
+                    backoff = min(backoff * 2, 30.0)
+                    control = _reconnect(opts.source, control, stop)
             rows = {n: target.count(st.target) for n, st in target.table_states().items()}
             return Result(slot, publication, snapshotted, stats, rows)
         finally:
             target.close()
     finally:
         control.close()
+
+
+def _reconnect(dsn: str, old: psycopg.Connection[Any], stop: threading.Event) -> psycopg.Connection[Any]:
+    """A fresh control connection, retrying until the source answers or ``stop`` is set."""
+    try:
+        old.close()
+    except psycopg.Error:
+        pass
+    delay = 0.5
+    while True:
+        try:
+            return connecting.connect(dsn)
+        except errors.SourceError as exc:
+            log.warning("source still unreachable: %s", exc.message)
+            if stop.wait(delay):
+                raise
+            delay = min(delay * 2, 30.0)
