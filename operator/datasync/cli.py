@@ -103,5 +103,54 @@ def demo(target: str, seconds: float, scale: float) -> None:
         _fail(exc)
 
 
+@main.command()
+def operator() -> None:
+    """Run the Kubernetes operator (kopf) until SIGTERM/SIGINT.
+
+    Settings come from the environment: DATASYNC_WORKER_IMAGE, DATASYNC_NAMESPACES,
+    DATASYNC_RESYNC_SECONDS, DATASYNC_PEERING, DATASYNC_STANDALONE, DATASYNC_HEALTH_ADDRESS
+    (see datasync.controllers.config).
+    """
+    from datasync.controllers import config, operating
+
+    operating.run(config.Settings.from_environment())
+
+
+@main.command()
+@click.option("--policy", required=True, help="Name of the SyncPolicy this writer serves.")
+@click.option("--namespace", required=True, envvar="POD_NAMESPACE", help="Namespace of the SyncPolicy.")
+def worker(policy: str, namespace: str) -> None:
+    """Run a SyncPolicy's writer: sync its SyncTables into its DuckDB file until SIGTERM.
+
+    The source DSN comes from env DATASYNC_SOURCE_DSN (the Deployment sets it from the Secret);
+    DATASYNC_HEALTH_ADDRESS (default 0.0.0.0:8080) serves /healthz and /readyz;
+    DATASYNC_TARGET_PATH overrides the policy's DuckDB path (running outside the pod).
+    """
+    import os
+
+    from datasync import kube
+    from datasync.working import loop
+
+    dsn = os.environ.get("DATASYNC_SOURCE_DSN", "").strip()
+    if not dsn:
+        _fail(errors.DataSyncError("DATASYNC_SOURCE_DSN is not set", "set it from the source Secret (secretKeyRef)"))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = loop.Worker(
+        kube.Kube.from_environment(),
+        namespace,
+        policy,
+        dsn,
+        target_override=loop.target_override(),
+        health_address=os.environ.get("DATASYNC_HEALTH_ADDRESS", "").strip() or "0.0.0.0:8080",
+    ).run(stop)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()
