@@ -319,6 +319,7 @@ def test_operator_end_to_end(
     st = policy["status"]
     assert st["slotName"] == slot and st["publicationName"] == publication
     assert st["tables"] == 3 and st["observedGeneration"] == policy["metadata"]["generation"]
+    assert st["workers"] == 1  # the writer Deployment (batch workers come later)
     assert isinstance(st["slotLagBytes"], int) and st["slotLagBytes"] >= 0
     assert condition(policy, "Ready")["observedGeneration"] == policy["metadata"]["generation"]
     assert "datasync.dev/finalizer" in policy["metadata"]["finalizers"]
@@ -427,7 +428,7 @@ def test_operator_end_to_end(
 
     wait_for("kubectl get synctables columns", columns_ok, timeout=20, logs=both_logs)
     sp = table_rows("syncpolicies")["shop"]  # NAME TABLES WORKERS SLOT-LAG READY AGE
-    assert sp[1] == "3" and sp[2] == "0" and sp[3].isdigit() and sp[4] == "True", sp
+    assert sp[1] == "3" and sp[2] == "1" and sp[3].isdigit() and sp[4] == "True", sp
     combined = cp.kubectl("get", "synctables,syncpolicies,consistencychecks", "-n", NS).stdout
     assert "synctable.datasync.dev/orders" in combined and "syncpolicy.datasync.dev/shop" in combined
 

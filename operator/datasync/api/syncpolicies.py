@@ -321,7 +321,9 @@ class SyncPolicyStatus(StatusModel):
         default=None, description="One-word summary of the conditions."
     )
     tables: int | None = Field(default=None, ge=0, description="Number of SyncTables referring to this policy.")
-    workers: int | None = Field(default=None, ge=0, description="Batch worker pods currently requested.")
+    workers: int | None = Field(
+        default=None, ge=0, description="Worker pods currently requested: the policy's writer plus batch workers."
+    )
     slot_name: str | None = Field(default=None, max_length=63, description="Name of the replication slot in use.")
     publication_name: str | None = Field(default=None, max_length=63, description="Name of the publication in use.")
     slot_lag_bytes: Int64 | None = Field(default=None, description="WAL bytes the slot retains (not yet applied to the target).")
@@ -358,7 +360,7 @@ CRD = CrdInfo(
     model=SyncPolicy,
     printer_columns=(
         PrinterColumn("Tables", "integer", ".status.tables", "SyncTables using the policy."),
-        PrinterColumn("Workers", "integer", ".status.workers", "Batch worker pods requested."),
+        PrinterColumn("Workers", "integer", ".status.workers", "Worker pods requested (writer + batch workers)."),
         PrinterColumn("Slot Lag", "integer", ".status.slotLagBytes", "WAL bytes retained by the replication slot."),
         PrinterColumn("Ready", "string", READY_COLUMN_PATH, "Status of the Ready condition."),
         PrinterColumn("Target", "string", ".spec.target.type", "Kind of target.", priority=1),

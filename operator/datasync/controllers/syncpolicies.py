@@ -109,7 +109,7 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "tables": len(tables),
-        "workers": 0,  # batch workers: not implemented yet (the writer is not counted)
+        "workers": 0,  # worker pods requested: the writer once rendered (batch workers: later)
         "publicationName": publication,
         "slotName": slot,
     }
@@ -152,6 +152,7 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
         status["phase"] = "Failed" if reason in ("Unsupported",) else "Pending"
         status["message"] = message
     else:
+        status["workers"] = 0 if policy.spec.suspend else 1
         message = f"writer {naming.writer_name(name)} rendered for {len(tables)} table(s)"
         phase = "Suspended" if policy.spec.suspend else "Ready"
         lag = status.get("slotLagBytes")
