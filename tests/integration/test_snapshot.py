@@ -136,3 +136,29 @@ def test_adding_a_table_snapshots_only_that_table(pg: helpers.Source, duck_path:
     helpers.sync_once(pg, duck_path, "a")  # b stays part of the sync
     assert helpers.assert_same(pg, duck_path, "public.a") == 100
     assert helpers.assert_same(pg, duck_path, "public.b") == 52
+
+
+def test_all_types_binary_copy_path(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
+    """Without ±infinity every chunk takes binary COPY; the text path is never used."""
+    from datasync.engine import pgoutput, snapshotting
+
+    assert pgoutput.SPEEDUPS
+    pg.execute(TYPES_DDL)
+    pg.execute(ROWS)
+    pg.execute("DELETE FROM alltypes WHERE id = 2")  # the row with ±infinity dates/timestamps
+    pg.execute("INSERT INTO alltypes (id, n_fix, n_any, iv, d, ts) SELECT g, g / 7.0, g * 1e30, g * interval '1.5 sec', "
+               "g / 3.0, TIMESTAMP '1999-12-31 23:59:59.999999' + g * interval '1 day' FROM generate_series(10, 5000) g")
+
+    def no_text(*args: object) -> None:
+        raise AssertionError("the text path was used")
+
+    monkeypatch.setattr(snapshotting, "read_csv", no_text)  # type: ignore[attr-defined]
+    helpers.sync_once(pg, duck_path, "alltypes")
+    assert helpers.assert_same(pg, duck_path, "public.alltypes") == 3 + 4991
+
+
+def test_infinity_falls_back_to_text(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE inf (id int PRIMARY KEY, d date, ts timestamptz);"
+               "INSERT INTO inf VALUES (1, 'infinity', '-infinity'), (2, '2020-01-01', '2020-01-01 00:00:00+00')")
+    helpers.sync_once(pg, duck_path, "inf")
+    assert helpers.assert_same(pg, duck_path, "public.inf") == 2

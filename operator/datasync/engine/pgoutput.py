@@ -158,6 +158,10 @@ class DecodeError(ValueError):
     """The bytes are not a pgoutput message we understand."""
 
 
+class NeedsText(ValueError):
+    """A binary COPY value Arrow cannot hold (±infinity): read that chunk as text."""
+
+
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -336,7 +340,7 @@ def _py_decode_change(data: bytes) -> Change | None:
 try:
     from datasync.engine import _speedups  # type: ignore[attr-defined]
 
-    _speedups.configure(UNCHANGED, DecodeError)
+    _speedups.configure(UNCHANGED, DecodeError, NeedsText)
     decode_change = _speedups.decode_change
     SPEEDUPS = True
 except ImportError:  # pragma: no cover - exercised where no C compiler was available

@@ -1,10 +1,15 @@
 """Parallel, bounded-memory snapshot of one table into DuckDB.
 
 Why this shape:
-- PostgreSQL renders each chunk with ``COPY … TO STDOUT (FORMAT csv)``; pyarrow
-  parses it in C++ into an Arrow table of strings; DuckDB casts and bulk-inserts
-  the Arrow table in parallel.  No value passes through Python objects, and the
-  casts are the same ones CDC uses (``sources.typemaps``), so both paths agree.
+- Binary COPY end to end where the C extension is built: PostgreSQL sends each
+  chunk with ``COPY … TO STDOUT (FORMAT binary)``; ``_speedups.decode_copy_binary``
+  turns it into Arrow buffers (integers, floats, decimals, dates, timestamps,
+  intervals natively; text as strings); DuckDB bulk-inserts the Arrow table.  No
+  value passes through Python objects.  Types without a fixed binary layout are
+  selected as their output text (``format('%s', c)``) and get the same cast CDC
+  uses (``sources.typemaps``).  A chunk holding a value Arrow cannot represent
+  (±infinity) is re-read through the text path: ``COPY … (FORMAT csv)`` parsed by
+  pyarrow, every column cast with the CDC casts.
 - Chunks are CTID page ranges of each heap (leaf partitions for partitioned
   tables), read by N reader threads, each in a REPEATABLE READ transaction on
   the *same* exported snapshot: together they see one consistent state.
@@ -31,12 +36,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from datasync import identifiers
+from datasync.engine import pgoutput
 from datasync.identifiers import quote
 from datasync.sources import catalog, connecting
 from datasync.targets import duckfile
 
-PAGES_PER_CHUNK = 1024
-COMMIT_ROWS = 250_000
+PAGES_PER_CHUNK = 2048
+COMMIT_ROWS = 500_000
 _DONE = object()
 
 
@@ -62,12 +68,90 @@ def plan_chunks(conn: Any, table: catalog.Table, pages_per_chunk: int = PAGES_PE
     return chunks
 
 
-def _copy_sql(table: catalog.Table, chunk: Chunk) -> str:
-    cols = ", ".join(quote(c.name) for c in table.columns)
+_TEXT_BASES = ("text", "varchar", "bpchar", "name", "json")
+_FIXED_KINDS = {
+    "SMALLINT": ("h", pa.int16()), "INTEGER": ("i", pa.int32()), "BIGINT": ("l", pa.int64()),
+    "FLOAT": ("f", pa.float32()), "DOUBLE": ("d", pa.float64()), "BOOLEAN": ("b", pa.uint8()),
+    "DATE": ("D", pa.date32()), "TIMESTAMP": ("t", pa.timestamp("us")),
+    "TIMESTAMPTZ": ("T", pa.timestamp("us", tz="UTC")), "TIME": ("m", pa.time64("us")),
+    "INTERVAL": ("v", pa.month_day_nano_interval()), "BLOB": ("y", pa.large_binary()),
+    "UUID": ("u", pa.large_string()),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryPlan:
+    """How each column travels in binary COPY and lands in DuckDB."""
+
+    kinds: bytes
+    scales: tuple[int, ...]
+    types: tuple[pa.DataType, ...]
+    select: tuple[str, ...]  # the COPY's select list
+    insert: tuple[str, ...]  # the INSERT's select list over the Arrow chunk
+
+
+def binary_plan(table: catalog.Table) -> BinaryPlan | None:
+    if not pgoutput.SPEEDUPS:
+        return None
+    kinds, scales, types, select, insert = [], [], [], [], []
+    for i, c in enumerate(table.columns):
+        q, duck, base = quote(c.name), c.duck_type, c.mapping.pg_base
+        scale = 0
+        if duck in _FIXED_KINDS:
+            kind, typ = _FIXED_KINDS[duck]
+        elif duck.startswith("DECIMAL("):
+            p, scale = (int(x) for x in duck[8:-1].split(","))
+            kind, typ = "n", pa.decimal128(p, scale)
+        elif duck in ("VARCHAR", "JSON") and base in (*_TEXT_BASES, "jsonb"):
+            kind, typ = ("j" if base == "jsonb" else "s"), pa.large_string()
+        else:  # no fixed binary layout: its output text, cast like CDC does
+            kind, typ = "x", pa.large_string()
+        kinds.append(kind)
+        scales.append(scale)
+        types.append(typ)
+        select.append(f"CASE WHEN {q} IS NULL THEN NULL ELSE format('%s', {q}) END" if kind == "x" else q)
+        col = f"c{i}"
+        if kind == "b":
+            insert.append(f"CAST({col} AS BOOLEAN)")
+        elif kind == "u":
+            insert.append(f"CAST({col} AS UUID)")
+        elif kind in ("x",) or duck == "JSON":
+            insert.append(c.mapping.cast(col))
+        else:
+            insert.append(col)
+    return BinaryPlan(bytes("".join(kinds), "ascii"), tuple(scales), tuple(types), tuple(select), tuple(insert))
+
+
+def decode_binary(data: bytes, plan: BinaryPlan) -> pa.Table:
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
+
+    nrows, columns = _speedups.decode_copy_binary(data, plan.kinds, plan.scales)
+    arrays = []
+    for (valid, values, offsets), typ in zip(columns, plan.types, strict=True):
+        bufs = [pa.py_buffer(valid), pa.py_buffer(values)]
+        if offsets is not None:
+            bufs = [bufs[0], pa.py_buffer(offsets), bufs[1]]
+        arrays.append(pa.Array.from_buffers(typ, nrows, bufs))
+    return pa.Table.from_arrays(arrays, names=[f"c{i}" for i in range(len(arrays))])
+
+
+def _where(chunk: Chunk) -> str:
     cond = f"ctid >= '({chunk.first_page},0)'::tid"
     if chunk.end_page is not None:
         cond += f" AND ctid < '({chunk.end_page},0)'::tid"
-    return f"COPY (SELECT {cols} FROM ONLY {chunk.leaf.sql} WHERE {cond}) TO STDOUT (FORMAT csv)"
+    return cond
+
+
+def _copy_sql(table: catalog.Table, chunk: Chunk) -> str:
+    cols = ", ".join(quote(c.name) for c in table.columns)
+    return f"COPY (SELECT {cols} FROM ONLY {chunk.leaf.sql} WHERE {_where(chunk)}) TO STDOUT (FORMAT csv)"
+
+
+def _binary_sql(plan: BinaryPlan, chunk: Chunk) -> str:
+    return (
+        f"COPY (SELECT {', '.join(plan.select)} FROM ONLY {chunk.leaf.sql} WHERE {_where(chunk)}) "
+        "TO STDOUT (FORMAT binary)"
+    )
 
 
 def read_csv(data: bytes | io.BytesIO, ncols: int) -> pa.Table:
@@ -95,15 +179,23 @@ def _reader(
             conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
             cur = conn.cursor()
             cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
+            plan = binary_plan(table)
             while not failed.is_set():
                 chunk = work.get()
                 if chunk is None:
                     break
                 buf = io.BytesIO()
-                cur.copy_expert(_copy_sql(table, chunk), buf)  # the per-row loop runs in C
+                if plan is not None:
+                    cur.copy_expert(_binary_sql(plan, chunk), buf)  # the per-row loop runs in C
+                    try:
+                        out.put(("binary", decode_binary(buf.getvalue(), plan)))
+                        continue
+                    except pgoutput.NeedsText:
+                        buf = io.BytesIO()
+                cur.copy_expert(_copy_sql(table, chunk), buf)
                 if buf.tell():
                     buf.seek(0)
-                    out.put(read_csv(buf, len(table.columns)))
+                    out.put(("text", read_csv(buf, len(table.columns))))
             conn.rollback()
         finally:
             conn.close()
@@ -143,9 +235,12 @@ def copy_table(
     ]
     for t in threads:
         t.start()
-    select = ", ".join(c.mapping.cast(f"c{i}") for i, c in enumerate(table.columns))
     cols = ", ".join(quote(c.name) for c in table.columns)
-    insert = f"INSERT INTO {target_name.sql} ({cols}) SELECT {select} FROM _datasync_chunk"
+    text_select = ", ".join(c.mapping.cast(f"c{i}") for i, c in enumerate(table.columns))
+    plan = binary_plan(table)
+    inserts = {"text": f"INSERT INTO {target_name.sql} ({cols}) SELECT {text_select} FROM _datasync_chunk"}
+    if plan is not None:
+        inserts["binary"] = f"INSERT INTO {target_name.sql} ({cols}) SELECT {', '.join(plan.insert)} FROM _datasync_chunk"
     total, done, uncommitted = 0, 0, 0
     target.begin()
     try:
@@ -156,9 +251,12 @@ def copy_table(
                 continue
             if isinstance(item, BaseException):
                 raise item
+            shape, item = item
+            if item.num_rows == 0:
+                continue
             target.con.register("_datasync_chunk", item)
             try:
-                target.con.execute(insert)
+                target.con.execute(inserts[shape])
             finally:
                 target.con.unregister("_datasync_chunk")
             total += item.num_rows
