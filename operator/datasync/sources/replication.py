@@ -2,13 +2,10 @@
 
 One publication and one ``pgoutput`` slot per sync.  Their names derive from the
 target file so two syncs of one database never share a slot (override with
-``--slot``/``--publication``).  Changes are read with
-``pg_logical_slot_peek_binary_changes`` and the slot is advanced with
-``pg_replication_slot_advance`` only after the target committed them: a crash
-between the two replays changes the target already has, which the applier
-skips by LSN.  Snapshots take a *temporary* slot with an exported snapshot; its
-consistent point is the exact LSN at which the snapshot's data ends and the
-change stream begins for that table.
+``--slot``/``--publication``).  Changes are streamed by ``sources.receiving``.
+Snapshots take a *temporary* slot with an exported snapshot; its consistent
+point is the exact LSN at which the snapshot's data ends and the change stream
+begins for that table.
 """
 
 from __future__ import annotations
@@ -109,9 +106,6 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> int:
     return pgoutput.parse_lsn(row[0])
 
 
-def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
-    if slot_info(conn, slot) is not None:
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
 
 
 def current_lsn(conn: psycopg.Connection[Any]) -> int:
@@ -144,30 +138,8 @@ def wait_flushed(conn: psycopg.Connection[Any], timeout: float = 30.0) -> int:
         time.sleep(0.02)
 
 
-def advance(conn: psycopg.Connection[Any], slot: str, lsn: int) -> None:
-    """Move the slot's confirmed position to ``lsn`` (never backwards)."""
-    info = slot_info(conn, slot)
-    if info is not None and lsn > info.confirmed_flush:
-        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, pgoutput.format_lsn(lsn)))
 
 
-def peek(
-    conn: psycopg.Connection[Any], slot: str, publication: str, upto_lsn: int, upto_nchanges: int, fetch: int = 5000
-) -> Iterator[bytes]:
-    """Yield raw pgoutput messages of whole transactions committed up to ``upto_lsn``.
-
-    A server-side cursor keeps client memory bounded however large a transaction is.
-    """
-    with conn.transaction():
-        with conn.cursor(name="datasync_peek", binary=True) as cur:
-            cur.itersize = fetch
-            cur.execute(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s, "
-                "'proto_version', %s, 'publication_names', %s)",
-                (slot, pgoutput.format_lsn(upto_lsn), upto_nchanges, str(PROTO_VERSION), publication),
-            )
-            for (data,) in cur:
-                yield data
 
 
 @dataclasses.dataclass
