@@ -41,8 +41,8 @@ from datasync.identifiers import quote
 from datasync.sources import catalog, connecting
 from datasync.targets import duckfile
 
-PAGES_PER_CHUNK = 2048
-COMMIT_ROWS = 500_000
+PAGES_PER_CHUNK = 1024
+COMMIT_ROWS = 250_000
 _DONE = object()
 
 
@@ -122,7 +122,7 @@ def binary_plan(table: catalog.Table) -> BinaryPlan | None:
     return BinaryPlan(bytes("".join(kinds), "ascii"), tuple(scales), tuple(types), tuple(select), tuple(insert))
 
 
-def decode_binary(data: bytes, plan: BinaryPlan) -> pa.Table:
+def decode_binary(data: bytes | memoryview, plan: BinaryPlan) -> pa.Table:
     from datasync.engine import _speedups  # type: ignore[attr-defined]
 
     nrows, columns = _speedups.decode_copy_binary(data, plan.kinds, plan.scales)
@@ -188,7 +188,9 @@ def _reader(
                 if plan is not None:
                     cur.copy_expert(_binary_sql(plan, chunk), buf)  # the per-row loop runs in C
                     try:
-                        out.put(("binary", decode_binary(buf.getvalue(), plan)))
+                        with buf.getbuffer() as view:  # no copy of the chunk
+                            table_ = decode_binary(view, plan)
+                        out.put(("binary", table_))
                         continue
                     except pgoutput.NeedsText:
                         buf = io.BytesIO()
@@ -227,7 +229,7 @@ def copy_table(
     workers = max(1, min(workers, len(chunks)))
     for _ in range(workers):
         work.put(None)
-    out: queue.Queue[Any] = queue.Queue(maxsize=2 * workers)
+    out: queue.Queue[Any] = queue.Queue(maxsize=workers + 1)
     failed = threading.Event()
     threads = [
         threading.Thread(target=_reader, args=(dsn, snapshot_id, table, work, out, failed), daemon=True)
