@@ -165,3 +165,11 @@ def assert_same(src: Source, path: str, table: str) -> int:
             f"missing {sorted(missing, key=repr)[:5]} extra {sorted(extra, key=repr)[:5]}"
         )
     return len(pg_rows)
+
+
+def md5_uuid(n: int) -> str:
+    """PostgreSQL's md5(n::text)::uuid, as text."""
+    import hashlib
+
+    h = hashlib.md5(str(n).encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -90,6 +90,38 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
 
 
 @main.command()
+@click.option("--source", envvar="DATASYNC_SOURCE_DSN", required=True, help="PostgreSQL DSN (or env DATASYNC_SOURCE_DSN).")
+@click.option("--target", required=True, help="DuckDB file written by `datasync sync` (opened read-only).")
+@click.option("--table", "tables", multiple=True, help="SCHEMA.TABLE to check (default: every synced table).")
+@click.option("--checks", default="row_count,data_hash", show_default=True, help="Comma-separated check types.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+def check(source: str, target: str, tables: tuple[str, ...], checks: str, as_json: bool) -> None:
+    """Compare the DuckDB copy with PostgreSQL; exit 1 when they differ."""
+    import json
+
+    from rich.table import Table
+
+    from datasync.validation import comparing
+
+    try:
+        score, reports = comparing.compare(source, target, list(tables), [c.strip() for c in checks.split(",") if c.strip()])
+    except errors.DataSyncError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps({"consistency_score": score, "tables": [r.as_json() for r in reports]}, indent=2))
+    else:
+        out = Table(title=f"consistency score {score:g}")
+        for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "sample keys"):
+            out.add_column(col)
+        for r in reports:
+            out.add_row(r.table, "✓" if r.ok else "✗", f"{r.rows_source:,}", f"{r.rows_target:,}", str(r.missing),
+                        str(r.extra), str(r.differing), ", ".join(map(str, r.mismatched_keys[:5])))
+        Console().print(out)
+    sys.exit(0 if all(r.ok for r in reports) else 1)
+
+
+@main.command()
 @click.option("--target", default="demo.duckdb", show_default=True, help="DuckDB file to create.")
 @click.option("--seconds", default=20.0, show_default=True, help="How long the live writer runs.")
 @click.option("--scale", default=1.0, show_default=True, help="Multiplier for the sample data size.")

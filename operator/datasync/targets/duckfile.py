@@ -133,7 +133,12 @@ class DuckTarget:
         )
 
     def table_states(self) -> dict[identifiers.TableName, TableState]:
-        rows = self.con.execute(
+        return self.read_states(self.con)
+
+    @staticmethod
+    def read_states(con: Any) -> dict[identifiers.TableName, TableState]:
+        """The synced tables of a target, also from a read-only connection."""
+        rows = con.execute(
             f"""SELECT source_schema, source_table, target_schema, target_table, state, snapshot_lsn,
                        columns, key, rows_snapshotted, max_attnum FROM {META}.tables"""
         ).fetchall()

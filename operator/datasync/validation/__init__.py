@@ -1,0 +1,1 @@
+"""Consistency validation: compare the DuckDB copy with PostgreSQL, exactly."""

@@ -1,0 +1,74 @@
+"""`datasync check`: exact on identical copies, finds every injected divergence by key."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from tests import helpers
+from tests.integration.test_snapshot import ROWS, TYPES_DDL
+
+
+def _check(pg: helpers.Source, path: str, *tables: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    args = ["check", "--source", pg.dsn, "--target", path, "--json"]
+    for t in tables:
+        args += ["--table", t]
+    res = helpers.cli(*args)
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_identical_copies_score_100_for_every_type(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute(TYPES_DDL)
+    pg.execute(ROWS)
+    pg.execute("CREATE TABLE big (id bigint PRIMARY KEY, f float8, r real, t text);"
+               "INSERT INTO big SELECT g, g / 3.0 * 1e13, g / 7.0, md5(g::text) FROM generate_series(1, 20000) g")
+    helpers.sync_once(pg, duck_path, "alltypes", "big")
+    code, report = _check(pg, duck_path)
+    assert code == 0, report
+    assert report["consistency_score"] == 100.0
+    assert {t["table"]: t["ok"] for t in report["tables"]} == {"public.alltypes": True, "public.big": True}
+
+
+def test_divergences_are_found_with_their_keys(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute(
+        """CREATE TABLE ints (id bigint PRIMARY KEY, v text);
+           INSERT INTO ints SELECT g * 1000, 'v' || g FROM generate_series(1, 30000) g;  -- sparse keys
+           CREATE TABLE uuids (id uuid PRIMARY KEY, n numeric(10,2));
+           INSERT INTO uuids SELECT md5(g::text)::uuid, g FROM generate_series(1, 5000) g;
+           CREATE TABLE comp (a text, b int, c jsonb, PRIMARY KEY (a, b));
+           INSERT INTO comp SELECT 'k' || (g % 100), g, jsonb_build_object('g', g) FROM generate_series(1, 5000) g;"""
+    )
+    helpers.sync_once(pg, duck_path, "ints", "uuids", "comp")
+    con = duckdb.connect(duck_path)
+    con.execute("DELETE FROM public.ints WHERE id IN (5000, 17000000)")
+    con.execute("UPDATE public.ints SET v = 'changed' WHERE id = 29000000")
+    con.execute("INSERT INTO public.ints VALUES (1, 'extra')")
+    con.execute("UPDATE public.uuids SET n = n + 0.01 WHERE id = md5('42')::UUID")
+    con.execute("""UPDATE public.comp SET c = '{"g": 0}' WHERE a = 'k7' AND b = 7""")
+    con.close()
+    code, report = _check(pg, duck_path)
+    assert code == 1
+    by = {t["table"]: t for t in report["tables"]}
+    ints = by["public.ints"]
+    assert (ints["missing"], ints["extra"], ints["differing"]) == (2, 1, 1)
+    assert sorted(ints["mismatched_keys"]) == sorted(["5000", "17000000", "29000000", "1"])
+    assert by["public.uuids"]["mismatched_keys"] == [helpers.md5_uuid(42)]
+    assert by["public.comp"]["mismatched_keys"] == [["k7", "7"]]
+    assert 99 < report["consistency_score"] < 100
+    assert not ints["ok"] and ints["checks"] == {"row_count": False, "data_hash": False}  # 30000 vs 29999
+    assert by["public.uuids"]["checks"] == {"row_count": True, "data_hash": False}
+
+
+def test_check_errors_and_readable_output(pg: helpers.Source, duck_path: str, tmp_path: object) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+    helpers.sync_once(pg, duck_path, "t")
+    bad = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--checks", "row_count,nope")
+    assert bad.returncode != 0 and "unknown check(s) nope" in bad.stderr
+    other = str(tmp_path) + "/plain.duckdb"
+    duckdb.connect(other).close()
+    res = helpers.cli("check", "--source", pg.dsn, "--target", other)
+    assert res.returncode == 3 and "not a DataSync target" in res.stderr
+    ok = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--table", "t", "--checks", "row_count")
+    assert ok.returncode == 0 and "consistency score 100" in ok.stdout and "public.t" in ok.stdout
