@@ -95,7 +95,8 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
 @click.option("--table", "tables", multiple=True, help="SCHEMA.TABLE to check (default: every synced table).")
 @click.option("--checks", default="row_count,data_hash", show_default=True, help="Comma-separated check types.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-def check(source: str, target: str, tables: tuple[str, ...], checks: str, as_json: bool) -> None:
+@click.option("--repair", is_flag=True, help="Re-copy only the mismatching rows from the source, then re-check.")
+def check(source: str, target: str, tables: tuple[str, ...], checks: str, as_json: bool, repair: bool) -> None:
     """Compare the DuckDB copy with PostgreSQL; exit 1 when they differ."""
     import json
 
@@ -104,7 +105,9 @@ def check(source: str, target: str, tables: tuple[str, ...], checks: str, as_jso
     from datasync.validation import comparing
 
     try:
-        score, reports = comparing.compare(source, target, list(tables), [c.strip() for c in checks.split(",") if c.strip()])
+        score, reports = comparing.compare(
+            source, target, list(tables), [c.strip() for c in checks.split(",") if c.strip()], fix=repair
+        )
     except errors.DataSyncError as exc:
         _fail(exc)
         return
@@ -112,12 +115,13 @@ def check(source: str, target: str, tables: tuple[str, ...], checks: str, as_jso
         click.echo(json.dumps({"consistency_score": score, "tables": [r.as_json() for r in reports]}, indent=2))
     else:
         out = Table(title=f"consistency score {score:g}")
-        for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "sample keys"):
+        for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "repaired",
+                    "sample keys"):
             out.add_column(col)
         for r in reports:
             out.add_row(r.table, "✓" if r.ok else "✗", f"{r.rows_source:,}", f"{r.rows_target:,}", str(r.missing),
-                        str(r.extra), str(r.differing), ", ".join(map(str, r.mismatched_keys[:5])))
-        Console().print(out)
+                        str(r.extra), str(r.differing), str(r.repaired), ", ".join(map(str, r.mismatched_keys[:5])))
+        Console(width=None if sys.stdout.isatty() else 140).print(out)
     sys.exit(0 if all(r.ok for r in reports) else 1)
 
 

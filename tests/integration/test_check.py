@@ -72,3 +72,26 @@ def test_check_errors_and_readable_output(pg: helpers.Source, duck_path: str, tm
     assert res.returncode == 3 and "not a DataSync target" in res.stderr
     ok = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--table", "t", "--checks", "row_count")
     assert ok.returncode == 0 and "consistency score 100" in ok.stdout and "public.t" in ok.stdout
+
+
+def test_repair_recopies_only_the_mismatching_rows(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute(TYPES_DDL)
+    pg.execute(ROWS)
+    pg.execute("CREATE TABLE comp (a text, b int, v text, PRIMARY KEY (a, b));"
+               "INSERT INTO comp SELECT 'k' || (g % 10), g, md5(g::text) FROM generate_series(1, 3000) g")
+    helpers.sync_once(pg, duck_path, "alltypes", "comp")
+    con = duckdb.connect(duck_path)
+    con.execute("DELETE FROM public.alltypes WHERE id = 2")
+    con.execute("UPDATE public.alltypes SET t = 'corrupt', iv = INTERVAL 1 DAY WHERE id = 4")
+    con.execute("DELETE FROM public.comp WHERE b % 500 = 0")
+    con.execute("INSERT INTO public.comp VALUES ('zz', -1, 'extra')")
+    untouched = con.execute("SELECT count(*) FROM public.comp WHERE b = 1").fetchone()
+    con.close()
+    res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--repair", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert report["consistency_score"] == 100.0
+    assert {t["table"]: t["repaired"] for t in report["tables"]} == {"public.alltypes": 2, "public.comp": 7}
+    assert helpers.assert_same(pg, duck_path, "public.alltypes") == 4
+    assert helpers.assert_same(pg, duck_path, "public.comp") == 3000
+    assert untouched == (1,)

@@ -40,6 +40,9 @@ class TableReport:
     differing: int = 0
     mismatched_keys: list[Any] = dataclasses.field(default_factory=list)
     checks: dict[str, bool] = dataclasses.field(default_factory=dict)
+    repaired: int = 0
+    # canonical keys of every mismatched row (not only the reported sample), for repair
+    _keys: list[tuple[Any, ...]] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def mismatches(self) -> int:
@@ -57,6 +60,7 @@ class TableReport:
 
     def as_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out.pop("_keys", None)
         out["mismatched_keys"] = self.mismatched_keys[:MAX_KEYS]
         out["mismatched_keys_truncated"] = len(self.mismatched_keys) > MAX_KEYS
         out["mismatches"] = self.mismatches
@@ -144,11 +148,61 @@ def _data_hash(
         return k[0] if len(k) == 1 else list(k)
 
     report.mismatched_keys = [show(k) for k in (differing + missing + extra)[: MAX_KEYS + 1]]
+    report._keys = differing + missing + extra
     return False
 
 
-def compare(source: str, target: str, tables: list[str], checks: list[str]) -> tuple[float, list[TableReport]]:
-    """Compare ``tables`` (all synced tables when empty) of ``target`` with the source."""
+def render_key(key: tuple[Any, ...]) -> str:
+    """The canonical rendering of a key, as ``canonical.pg_row``/``duck_row`` produce it."""
+    return "|".join("~" if v is None else f"{len(str(v))}:{v}" for v in key)
+
+
+def repair(pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: duckfile.TableState,
+           keys: list[tuple[Any, ...]]) -> int:
+    """Re-copy exactly the rows with ``keys`` from the source: delete them, insert the source's."""
+    from datasync.engine import snapshotting
+    from datasync.sources import typemaps
+
+    if not keys:
+        return 0
+    cols = state.columns
+    key_cols = sorted((c for c in cols if c.name in state.key), key=lambda c: state.key.index(c.name))
+    rendered = [render_key(k) for k in keys]
+    select = ", ".join(identifiers.quote(c.name) for c in cols)
+    where = canonical.pg_row(key_cols).replace("%", "%%")
+    buf = bytearray()
+    with pg.cursor().copy(
+        f"COPY (SELECT {select} FROM {state.source.sql} WHERE {where} = ANY(%s)) TO STDOUT (FORMAT csv)", (rendered,)
+    ) as cp:
+        for block in cp:
+            buf += block
+    casts = ", ".join(typemaps.Mapping(c.duck_type, c.pg_base).cast(f"c{i}") for i, c in enumerate(cols))
+    duck.execute("BEGIN TRANSACTION")
+    try:
+        duck.execute(
+            f"DELETE FROM {state.target.sql} WHERE {canonical.duck_row(key_cols)} IN (SELECT unnest(?::VARCHAR[]))",
+            [rendered],
+        )
+        if buf:
+            duck.register("_ds_repair", snapshotting.read_csv(bytes(buf), len(cols)))
+            try:
+                duck.execute(f"INSERT INTO {state.target.sql} SELECT {casts} FROM _ds_repair")
+            finally:
+                duck.unregister("_ds_repair")
+        duck.execute("COMMIT")
+    except BaseException:
+        duck.execute("ROLLBACK")
+        raise
+    return len(keys)
+
+
+def compare(
+    source: str, target: str, tables: list[str], checks: list[str], *, fix: bool = False
+) -> tuple[float, list[TableReport]]:
+    """Compare ``tables`` (all synced tables when empty) of ``target`` with the source.
+
+    ``fix``: re-copy the mismatching rows, then check again (the report says what was repaired).
+    """
     from datasync import errors
     from datasync.sources import connecting
 
@@ -156,7 +210,7 @@ def compare(source: str, target: str, tables: list[str], checks: list[str]) -> t
     if unknown:
         raise errors.DataSyncError(f"unknown check(s) {', '.join(unknown)}", f"choose from {', '.join(CHECKS)}")
     try:
-        duck = duckdb.connect(target, read_only=True)
+        duck = duckdb.connect(target, read_only=not fix)
     except duckdb.Error as exc:
         raise errors.TargetError(
             f"cannot open DuckDB target {target} for reading: {str(exc).splitlines()[0]}",
@@ -177,6 +231,15 @@ def compare(source: str, target: str, tables: list[str], checks: list[str]) -> t
             )
         with connecting.connect(source) as pg:
             reports = [compare_table(pg, duck, states[n], checks) for n in names]
+            if fix:
+                for i, (n, r) in enumerate(zip(names, reports, strict=True)):
+                    if r.ok:
+                        continue
+                    if not r._keys:  # only counts were compared: find the rows first
+                        r = compare_table(pg, duck, states[n], [*checks, "data_hash"])
+                    fixed = repair(pg, duck, states[n], r._keys)
+                    reports[i] = compare_table(pg, duck, states[n], checks)
+                    reports[i].repaired = fixed
     finally:
         duck.close()
     return overall_score(reports), reports
