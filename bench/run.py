@@ -217,6 +217,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000000,5000000")
     ap.add_argument("--skip-cdc", action="store_true")
+    ap.add_argument("--check-sizes", default="1000000,5000000")
+    ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="datasync-bench-")
     pg = embedded.EmbeddedPostgres(settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"}).start()
@@ -225,9 +227,10 @@ def main() -> None:
         snap = Table(title="Snapshot: PostgreSQL → DuckDB (2 cores)")
         for col in ("rows", "path", "seconds", "rows/s", "peak RSS MB", "scanner time / this", "types", "verified"):
             snap.add_column(col)
-        for size in [int(s) for s in args.sizes.split(",")]:
+        for size in [int(s) for s in args.sizes.split(",") if s]:
             snapshot_bench(dsn, work, size, snap)
-        console.print(snap)
+        if args.sizes:
+            console.print(snap)
         if not args.skip_cdc:
             cdc = Table(title="CDC apply (2 cores)")
             for col in ("case", "datasync changes/s", "raw slot receive/s", "ratio to raw", "naive per-change/s",
@@ -235,6 +238,10 @@ def main() -> None:
                 cdc.add_column(col)
             cdc_bench(dsn, work, cdc)
             console.print(cdc)
+        if not args.skip_check:
+            import checking
+
+            console.print(checking.run(dsn, work, [int(s) for s in args.check_sizes.split(",")], console))
     finally:
         pg.cleanup()
         shutil.rmtree(work, ignore_errors=True)

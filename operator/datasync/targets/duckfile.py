@@ -67,6 +67,7 @@ class DuckTarget:
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute("SET preserve_insertion_order = false")
+        self.con.execute("SET enable_progress_bar = false")  # stdout is not DuckDB's
         self._ensure_meta()
 
     def close(self) -> None:

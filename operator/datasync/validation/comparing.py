@@ -211,6 +211,7 @@ def compare(
         raise errors.DataSyncError(f"unknown check(s) {', '.join(unknown)}", f"choose from {', '.join(CHECKS)}")
     try:
         duck = duckdb.connect(target, read_only=not fix)
+        duck.execute("SET enable_progress_bar = false")  # stdout carries the report
     except duckdb.Error as exc:
         raise errors.TargetError(
             f"cannot open DuckDB target {target} for reading: {str(exc).splitlines()[0]}",
