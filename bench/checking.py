@@ -46,7 +46,13 @@ def _reladiff(dsn: str, path: str, name: str) -> tuple[float, set[str]]:
     t1 = reladiff.connect_to_table(dsn, name, "id", extra_columns=COLS)
     t2 = reladiff.connect_to_table(f"duckdb://{path}", ("public", name), "id", extra_columns=COLS)
     keys = {str(row[0]) for _sign, row in reladiff.diff_tables(t1, t2)}
-    return time.perf_counter() - started, keys
+    elapsed = time.perf_counter() - started
+    for t in (t1, t2):
+        t.database.close()  # DuckDB allows one process on the file
+    import psycopg2.extensions
+
+    psycopg2.extensions.set_wait_callback(None)  # reladiff installs one; our COPY path is synchronous
+    return elapsed, keys
 
 
 def _inject(path: str, name: str, rows: int) -> set[str]:

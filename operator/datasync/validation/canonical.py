@@ -26,7 +26,9 @@ _PG: dict[str, str] = {
     "BLOB": "encode({c}, 'hex')",
     "FLOAT": "{c}::float8::text",
     "DECIMAL": "(CASE WHEN {c} = 'NaN' THEN NULL ELSE {c}::text END)",
-    "TEXT": "(CASE WHEN {c} IS NULL THEN NULL ELSE format('%s', {c}) END)",
+    "TEXT": "{c}::text",
+    # types whose cast to text is not their output form (char(n) drops its padding, inet shows /32)
+    "OUTPUT": "(CASE WHEN {c} IS NULL THEN NULL ELSE format('%s', {c}) END)",
     "PLAIN": "{c}::text",
 }
 _DUCK: dict[str, str] = {
@@ -51,8 +53,16 @@ _DUCK: dict[str, str] = {
     " ELSE regexp_replace(CAST(CAST({c} AS DOUBLE) AS VARCHAR), '\\.0$', '') END)",
     "DECIMAL": "CAST({c} AS VARCHAR)",
     "TEXT": "CAST({c} AS VARCHAR)",
+    "OUTPUT": "CAST({c} AS VARCHAR)",
     "PLAIN": "CAST({c} AS VARCHAR)",
 }
+
+_OUTPUT_BASES = ("bpchar", "inet", "cidr")
+
+
+def kind_of(col: duckfile.TargetColumn) -> str:
+    k = kind(col.duck_type)
+    return "OUTPUT" if k == "TEXT" and col.pg_base in _OUTPUT_BASES else k
 
 
 def kind(duck_type: str) -> str:
@@ -71,19 +81,26 @@ def kind(duck_type: str) -> str:
     return "PLAIN"
 
 
-def _render(exprs: list[str]) -> str:
-    # length-prefixed values, NULL as '~': no two different rows render alike
-    parts = [f"coalesce(length({e})::VARCHAR || ':' || {e}, '~')" for e in exprs]
+def _render(exprs: list[str], length: str) -> str:
+    # byte-length-prefixed values, NULL as '~': no two different rows render alike
+    parts = [f"coalesce({length}({e})::VARCHAR || ':' || {e}, '~')" for e in exprs]
     return " || '|' || ".join(parts) if parts else "''"
 
 
+def pg_value(col: duckfile.TargetColumn) -> str:
+    return _PG[kind_of(col)].format(c=quote(col.name))
+
+
+def duck_value(col: duckfile.TargetColumn) -> str:
+    return _DUCK[kind_of(col)].format(c=quote(col.name))
+
+
 def pg_row(columns: list[duckfile.TargetColumn]) -> str:
-    exprs = [_PG[kind(c.duck_type)].format(c=quote(c.name)) for c in columns]
-    return _render(exprs).replace("::VARCHAR", "::text")
+    return _render([pg_value(c) for c in columns], "octet_length").replace("::VARCHAR", "::text")
 
 
 def duck_row(columns: list[duckfile.TargetColumn]) -> str:
-    return _render([_DUCK[kind(c.duck_type)].format(c=quote(c.name)) for c in columns])
+    return _render([duck_value(c) for c in columns], "strlen")
 
 
 def pg_hash(text_expr: str) -> str:
