@@ -106,9 +106,14 @@ def _data_hash(
     keys = [c for c in cols if c.name in state.key]
     keys.sort(key=lambda c: state.key.index(c.name))
     nb = _buckets(report.rows_target)
-    pg_key, duck_key = canonical.pg_row(keys), canonical.duck_row(keys)
-    pg_bucket = f"({canonical.pg_hash(pg_key)} % {nb})"
-    duck_bucket = f"({canonical.duck_hash(duck_key)} % {nb})"
+    if len(keys) == 1 and keys[0].duck_type in ("SMALLINT", "INTEGER", "BIGINT"):
+        # an integer key buckets by itself: no hashing, same on both sides
+        k = identifiers.quote(keys[0].name)
+        pg_bucket = duck_bucket = f"((({k} % {nb}) + {nb}) % {nb})"
+    else:
+        pg_key, duck_key = canonical.pg_row(keys), canonical.duck_row(keys)
+        pg_bucket = f"({canonical.pg_hash(pg_key)} % {nb})"
+        duck_bucket = f"({canonical.duck_hash(duck_key)} % {nb})"
     pg_h, duck_h = canonical.pg_hash(canonical.pg_row(cols)), canonical.duck_hash(canonical.duck_row(cols))
     src, tgt = state.source.sql, state.target.sql
     # both sides scan at once: each database works on its own cores while we wait
