@@ -174,6 +174,12 @@ def run(target: str, *, seconds: float = 20.0, scale: float = 1.0) -> None:
         if errors:
             raise errors[0]
         summary(console, dsn, target, result[0], writes[0])
+        from datasync.validation import comparing
+
+        score, reports = comparing.compare(dsn, target, [], ["row_count", "data_hash"])
+        differing = sum(r.mismatches for r in reports)
+        console.print(f"consistency check (every row hashed on both sides): score {score:g}, "
+                      f"{differing} differing rows", highlight=False)
     finally:
         pg.cleanup()
     console.print(f"\nPostgreSQL stopped; the copy stays in [bold]{target}[/]. Query it with:")
