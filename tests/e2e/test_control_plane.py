@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.cluster import ControlPlane, ControlPlaneError, wrapper_version
+from tests.e2e.waiting import wait_for
 
 CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -60,16 +59,6 @@ spec:
           image: registry.invalid/never-pulled:1   # no kubelet here: Pods stay Pending
 """
 
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def get_json(cp: ControlPlane, *args: str) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from datasync.api import API_VERSION, ConsistencyCheckStatus, SyncPolicyStatus, 
 from datasync.api.generating import KINDS
 from datasync.api.syncpolicies import SyncPolicy
 from tests.e2e.cluster import ControlPlane
+from tests.e2e.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -251,16 +251,6 @@ IMMUTABLE: tuple[Immutable, ...] = (
 
 # --------------------------------------------------------------------------- helpers
 
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def apply(cp: ControlPlane, namespace: str, doc: dict[str, Any], check: bool = False) -> Any:

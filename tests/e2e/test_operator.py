@@ -28,9 +28,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import psycopg
@@ -38,6 +38,7 @@ import pytest
 
 from datasync.sources.embedded import EmbeddedPostgres, free_port
 from tests.e2e.cluster import ControlPlane
+from tests.e2e.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -47,25 +48,10 @@ OPERATOR_NS = "datasync-system"
 WORKER_IMAGE = "registry.invalid/datasync:e2e"
 ORDERS, CUSTOMERS = 500, 120
 
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
 
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, logs: Callable[[], str] | None = None) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except (AssertionError, KeyError, IndexError, TypeError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n{logs() if logs else ''}", pytrace=False)
 
 
 def get(cp: ControlPlane, kind: str, name: str, namespace: str = NS) -> dict[str, Any] | None:
