@@ -79,10 +79,6 @@ class TypeResolver:
                 self._cache[key] = typemaps.map_type(row[0], row[1], row[2])
         return self._cache[key]
 
-    def format_type(self, oid: int, typmod: int) -> str:
-        row = self.conn.execute("SELECT format_type(%s, %s)", (oid, typmod)).fetchone()
-        return str(row[0]) if row else str(oid)
-
 
 def describe(conn: psycopg.Connection[Any], name: identifiers.TableName) -> Table:
     """Describe ``name`` or raise a SourceError that says what is wrong."""

@@ -111,14 +111,6 @@ class DuckTarget:
         ).fetchone()
         return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
-    def last_commit_ts(self, slot: str) -> dt.datetime | None:
-        row = self.con.execute(
-            f"SELECT epoch_us(last_commit_ts) FROM {META}.checkpoint WHERE slot = ?", [slot]
-        ).fetchone()
-        if not row or row[0] is None:
-            return None
-        return dt.datetime.fromtimestamp(row[0] / 1e6, tz=dt.UTC)
-
     def write_checkpoint(
         self, slot: str, lsn: int, commit_ts_us: int | None, partial: tuple[int, int] = (0, 0)
     ) -> None:
