@@ -16,6 +16,7 @@ the transaction's changes applied), which a restart honours exactly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -48,7 +49,8 @@ class Stats:
     lag_bytes: int = 0
     confirmed_lsn: int = 0  # the slot's position: past applied_lsn when idle WAL was skipped
     started: float = dataclasses.field(default_factory=time.monotonic)
-    lag_samples: list[float] = dataclasses.field(default_factory=list)
+    # the latest per-batch lags (bounded: --follow runs for months)
+    lag_samples: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10_000))
 
 
 class ChangeStream:
@@ -84,6 +86,7 @@ class ChangeStream:
         self._final_lsn = 0
         self._txn_index = 0  # data messages seen in the current transaction
         self._stream: receiving.Stream | None = None
+        self._last_lag = 0.0
 
     # -- the loop --------------------------------------------------------------
     def run(self, until: int | None, stop: threading.Event) -> Stats:
@@ -198,6 +201,11 @@ class ChangeStream:
         return self.stats
 
     def _idle(self) -> None:
+        # idle polls come every poll_seconds; lag needs two queries, once a second is plenty
+        now = time.monotonic()
+        if now - self._last_lag < 1.0:
+            return
+        self._last_lag = now
         self._lag()
         if self.on_batch:
             self.on_batch(self.stats)
