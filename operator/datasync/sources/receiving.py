@@ -14,8 +14,10 @@ resends from the confirmed point; the applier skips what the target already has.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
@@ -23,6 +25,20 @@ import psycopg2.extras
 
 from datasync import errors
 from datasync.sources import connecting
+
+
+class StreamLost(errors.SourceError):
+    """The replication connection broke (server restart, network): reconnect and resume."""
+
+
+@contextlib.contextmanager
+def _guarded() -> Iterator[None]:
+    # a dying walsender surfaces as any of several libpq errors ("no COPY in
+    # progress", "server closed the connection", ...): all mean the same here
+    try:
+        yield
+    except (psycopg2.DatabaseError, OSError) as exc:
+        raise StreamLost(f"replication stream lost: {str(exc).strip() or type(exc).__name__}") from None
 
 
 class Stream:
@@ -51,6 +67,10 @@ class Stream:
 
     def read(self, max_messages: int, timeout: float) -> list[bytes]:
         """Up to ``max_messages`` payloads; waits up to ``timeout`` for the first."""
+        with _guarded():
+            return self._read(max_messages, timeout)
+
+    def _read(self, max_messages: int, timeout: float) -> list[bytes]:
         out: list[bytes] = []
         read = self.cur.read_message
         while len(out) < max_messages:
@@ -71,14 +91,16 @@ class Stream:
 
     def confirm(self, lsn: int, *, force: bool = False) -> None:
         """Report ``lsn`` as durably applied (the slot may release WAL before it)."""
-        self.cur.send_feedback(write_lsn=lsn, flush_lsn=lsn, apply_lsn=lsn, force=force)
+        with _guarded():
+            self.cur.send_feedback(write_lsn=lsn, flush_lsn=lsn, apply_lsn=lsn, force=force)
 
     def request_status(self, min_interval: float = 0.05) -> None:
         """Ask the walsender for a keepalive (it carries how far it has sent)."""
         now = time.monotonic()
         if now - self._last_status_request >= min_interval:
             self._last_status_request = now
-            self.cur.send_feedback(reply=True, force=True)
+            with _guarded():
+                self.cur.send_feedback(reply=True, force=True)
 
     def close(self) -> None:
         try:
