@@ -91,38 +91,61 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
 
 @main.command()
 @click.option("--source", envvar="DATASYNC_SOURCE_DSN", required=True, help="PostgreSQL DSN (or env DATASYNC_SOURCE_DSN).")
-@click.option("--target", required=True, help="DuckDB file written by `datasync sync` (opened read-only).")
-@click.option("--table", "tables", multiple=True, help="SCHEMA.TABLE to check (default: every synced table).")
-@click.option("--checks", default="row_count,data_hash", show_default=True, help="Comma-separated check types.")
+@click.option("--target", required=True, help="DuckDB file written by `datasync sync` (no other process may hold it).")
+@click.option("--table", "tables", multiple=True, help="SCHEMA.TABLE to check (default: every synced table). Repeatable.")
+@click.option("--checks", default="row_count,data_hash", show_default=True,
+              help="Comma-separated: row_count, data_hash, business_rules, referential_integrity.")
+@click.option("--rule", "rule_texts", multiple=True, metavar="NAME=SELECT…",
+              help="A business rule: NAME=SELECT … passes when it returns no rows; NAME~=SELECT … passes when the "
+                   "source returns the same rows. Repeatable; implies business_rules.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--repair", is_flag=True, help="Re-copy only the mismatching rows from the source, then re-check.")
-def check(source: str, target: str, tables: tuple[str, ...], checks: str, as_json: bool, repair: bool) -> None:
-    """Compare the DuckDB copy with PostgreSQL; exit 1 when they differ."""
+@click.option("--slot", help="The target's replication slot (default: derived from the target path, as sync does).")
+@click.option("--publication", help="Its publication (default: the slot name).")
+def check(source: str, target: str, tables: tuple[str, ...], checks: str, rule_texts: tuple[str, ...], as_json: bool,
+          repair: bool, slot: str | None, publication: str | None) -> None:
+    """Compare the DuckDB copy with PostgreSQL at one LSN; exit 1 when they differ.
+
+    The copy is first brought to the source's position through its own slot (as `sync --once`
+    would), then both sides are compared at exactly the same LSN.
+    """
     import json
 
     from rich.table import Table
 
-    from datasync.validation import comparing
+    from datasync import identifiers
+    from datasync.validation import rules, running
 
     try:
-        score, reports = comparing.compare(
-            source, target, list(tables), [c.strip() for c in checks.split(",") if c.strip()], fix=repair
+        request = running.Request(
+            [identifiers.TableName.parse(t) for t in tables],
+            [c.strip() for c in checks.split(",") if c.strip()],
+            [rules.parse(t) for t in rule_texts],
+            repair,
         )
+        run = running.check_file(source, target, request, slot=slot, publication=publication)
     except errors.DataSyncError as exc:
         _fail(exc)
         return
     if as_json:
-        click.echo(json.dumps({"consistency_score": score, "tables": [r.as_json() for r in reports]}, indent=2))
+        click.echo(json.dumps(run.as_json(), indent=2, default=str))
     else:
-        out = Table(title=f"consistency score {score:g}")
-        for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "repaired",
-                    "sample keys"):
+        console = Console(width=None if sys.stdout.isatty() else 140)
+        where = f"at LSN {run.as_json()['lsn']}" if run.lsn is not None else "copy as it stands"
+        out = Table(title=f"consistency score {run.score:g} ({where}, {run.duration:.1f}s)")
+        for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "orphans",
+                    "repaired", "sample keys"):
             out.add_column(col)
-        for r in reports:
+        for r in run.tables:
             out.add_row(r.table, "✓" if r.ok else "✗", f"{r.rows_source:,}", f"{r.rows_target:,}", str(r.missing),
-                        str(r.extra), str(r.differing), str(r.repaired), ", ".join(map(str, r.mismatched_keys[:5])))
-        Console(width=None if sys.stdout.isatty() else 140).print(out)
-    sys.exit(0 if all(r.ok for r in reports) else 1)
+                        str(r.extra), str(r.differing), str(r.orphans), str(r.repaired),
+                        ", ".join(map(str, r.mismatched_keys[:5])))
+        console.print(out)
+        for rr in run.rules:
+            console.print(f"rule {rr.name}: {'✓' if rr.ok else '✗'} {rr.message}", highlight=False)
+        if run.note:
+            console.print(f"note: {run.note}", highlight=False)
+    sys.exit(0 if run.ok else 1)
 
 
 @main.command()

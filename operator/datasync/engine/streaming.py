@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from datasync import identifiers
-from datasync.engine import applying, pgoutput
+from datasync.engine import applying, pgoutput, pinning
 from datasync.sources import receiving, replication
 from datasync.targets import duckfile
 
@@ -67,6 +67,7 @@ class ChangeStream:
         max_batch_seconds: float = 0.5,
         poll_seconds: float = 0.1,
         on_batch: Callable[[Stats], None] | None = None,
+        pins: pinning.Pins | None = None,
     ) -> None:
         self.dsn = dsn
         self.control = control
@@ -81,12 +82,15 @@ class ChangeStream:
         self.max_batch_seconds = max_batch_seconds
         self.poll_seconds = poll_seconds
         self.on_batch = on_batch
+        self.pins = pins
         applied, self._partial_final, self._partial_changes = target.checkpoint(slot)
         self.stats = Stats(applied_lsn=applied, confirmed_lsn=applied)
         self._final_lsn = 0
         self._txn_index = 0  # data messages seen in the current transaction
         self._stream: receiving.Stream | None = None
         self._last_lag = 0.0
+        # commit LSN of the latest transaction in the target (at least: everything before the checkpoint)
+        self._last_begun = max(0, applied - 1)
 
     # -- the loop --------------------------------------------------------------
     def run(self, until: int | None, stop: threading.Event) -> Stats:
@@ -104,6 +108,9 @@ class ChangeStream:
         last_end, last_ts = 0, None
         applied = self.stats.applied_lsn
         stopping_since: float | None = None
+        pins = self.pins
+        if pins is not None:
+            pins.open()
         try:
             while True:
                 msgs = stream.read(10_000, self.poll_seconds)
@@ -136,6 +143,16 @@ class ChangeStream:
                         skip_txn = final_lsn < applied
                         self._txn_index = 0
                         skip_upto = self._partial_changes if final_lsn == self._partial_final else 0
+                        if pins is not None and not skip_txn:
+                            wanted = pins.wanted()
+                            if wanted is not None and wanted <= final_lsn:
+                                # a pin lies before this transaction: the target must be exactly there
+                                if open_batch:
+                                    self._commit(last_end, last_ts)
+                                    open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
+                                pins.serve(self.target, final_lsn, self._last_begun)
+                        if not skip_txn:
+                            self._last_begun = final_lsn
                         if not open_batch and not skip_txn:
                             self.target.begin()
                             open_batch, batch_started = True, time.monotonic()
@@ -181,6 +198,14 @@ class ChangeStream:
                     break
                 if msgs:
                     continue
+                if pins is not None and (wanted := pins.wanted()) is not None:
+                    if stream.wal_end >= wanted:  # every transaction committed before the pin is applied
+                        if open_batch:
+                            self._commit(last_end, last_ts)
+                            open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
+                        pins.serve(self.target, stream.wal_end, self._last_begun)
+                    else:
+                        stream.request_status()
                 if until is not None:
                     if stream.wal_end >= until:
                         break
@@ -190,6 +215,8 @@ class ChangeStream:
             if not in_txn and not open_batch:
                 self._confirm_idle(stream, until)
         finally:
+            if pins is not None:
+                pins.close()
             if open_batch:
                 self.target.rollback()  # only an unfinished transaction remains; it is resent
                 for ap in self.appliers.values():

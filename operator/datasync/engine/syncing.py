@@ -19,7 +19,7 @@ import psycopg
 import psycopg2
 
 from datasync import errors, identifiers
-from datasync.engine import snapshotting, streaming
+from datasync.engine import pinning, snapshotting, streaming
 from datasync.sources import catalog, checking, connecting, replication
 from datasync.targets import duckfile
 
@@ -39,6 +39,8 @@ class Options:
     max_batch_seconds: float = 0.5
     poll_seconds: float = 0.1
     memory_limit: str | None = "256MB"
+    #: served while streaming: work to run in the writer at an exact point (consistency checks)
+    pins: pinning.Pins | None = None
 
 
 class Reporter(Protocol):
@@ -178,7 +180,7 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
                     dsn=opts.source, control=control, target=target, slot=slot, publication=publication,
                     states=target.table_states(), batch_changes=opts.batch_changes,
                     max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
-                    on_batch=reporter.batch,
+                    on_batch=reporter.batch, pins=opts.pins,
                 )
                 try:
                     stats = stream.run(None if opts.follow else until, stop)

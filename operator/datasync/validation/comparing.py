@@ -8,15 +8,25 @@ missing, extra or different.  Row hashes are computed by each database over the
 same canonical rendering (``validation.canonical``), so no row data crosses the
 wire unless it differs.
 
-The score: a table scores ``100 × (1 − mismatched rows / max(source rows, target
-rows))`` (100 for two empty tables); the overall score weights tables by that
-row count.  It is stable: the same data always gives the same score.
+The consistency score (stable: the same data always gives the same score) counts
+*rows that are wrong*, once for each way they are wrong::
+
+    score = 100 × (1 − min(bad, total) / total)        (100 when total is 0)
+    total = Σ over tables of max(source rows, target rows)
+    bad   = Σ over tables of (rows missing, extra or different — or, when only row_count
+            runs, the difference of the counts — plus rows violating a foreign key)
+          + Σ over business rules of the rows they report (violations, or rows by which
+            the copy's result differs from the source's)
+
+A table therefore weighs as much as it has rows, and a table's own score is the same
+formula over that table alone.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime as dt
 from typing import Any
 
 import duckdb
@@ -24,9 +34,9 @@ import psycopg
 
 from datasync import identifiers
 from datasync.targets import duckfile
-from datasync.validation import canonical
+from datasync.validation import canonical, references, rules
 
-CHECKS = ("row_count", "data_hash")
+CHECKS = ("row_count", "data_hash", "business_rules", "referential_integrity")
 MAX_KEYS = 100
 
 
@@ -41,15 +51,24 @@ class TableReport:
     differing: int = 0
     mismatched_keys: list[Any] = dataclasses.field(default_factory=list)
     checks: dict[str, bool] = dataclasses.field(default_factory=dict)
+    orphans: int = 0  # rows violating a foreign key (referential_integrity)
+    foreign_keys: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     repaired: int = 0
     # canonical keys of every mismatched row (not only the reported sample), for repair
     _keys: list[tuple[Any, ...]] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def mismatches(self) -> int:
+        """Rows missing, extra or different (data_hash), else the difference of the counts."""
         if "data_hash" in self.checks:
             return self.missing + self.extra + self.differing
-        return abs(self.rows_source - self.rows_target)
+        if "row_count" in self.checks:
+            return abs(self.rows_source - self.rows_target)
+        return 0
+
+    @property
+    def bad(self) -> int:
+        return self.mismatches + self.orphans
 
     @property
     def weight(self) -> int:
@@ -57,7 +76,7 @@ class TableReport:
 
     @property
     def score(self) -> float:
-        return 100.0 if self.weight == 0 else round(100.0 * (1 - min(self.mismatches, self.weight) / self.weight), 4)
+        return _score(self.bad, self.weight)
 
     def as_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -65,15 +84,56 @@ class TableReport:
         out["mismatched_keys"] = self.mismatched_keys[:MAX_KEYS]
         out["mismatched_keys_truncated"] = len(self.mismatched_keys) > MAX_KEYS
         out["mismatches"] = self.mismatches
+        out["bad_rows"] = self.bad
         out["score"] = self.score
         return out
 
 
-def overall_score(reports: list[TableReport]) -> float:
-    total = sum(r.weight for r in reports)
-    if total == 0:
-        return 100.0
-    return round(100.0 * (1 - sum(min(r.mismatches, r.weight) for r in reports) / total), 4)
+def _score(bad: int, total: int) -> float:
+    return 100.0 if total == 0 else round(100.0 * (1 - min(bad, total) / total), 4)
+
+
+def overall_score(reports: list[TableReport], rule_reports: list[rules.RuleReport] | None = None) -> float:
+    bad = sum(min(r.bad, r.weight) for r in reports) + sum(r.violations for r in rule_reports or [])
+    return _score(bad, sum(r.weight for r in reports))
+
+
+@dataclasses.dataclass
+class Run:
+    """One check run: what was compared, at which position, and the outcome."""
+
+    tables: list[TableReport]
+    rules: list[rules.RuleReport]
+    lsn: int | None  # the source position both sides were compared at (None: not aligned)
+    started: dt.datetime
+    duration: float = 0.0
+    note: str = ""
+
+    @property
+    def score(self) -> float:
+        return overall_score(self.tables, self.rules)
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.tables) and all(r.ok for r in self.rules)
+
+    def as_json(self) -> dict[str, Any]:
+        from datasync.engine import pgoutput
+
+        out: dict[str, Any] = {
+            "consistency_score": self.score,
+            "ok": self.ok,
+            "lsn": None if self.lsn is None else pgoutput.format_lsn(self.lsn),
+            "aligned": self.lsn is not None,
+            "started": self.started.isoformat(),
+            "duration_seconds": round(self.duration, 3),
+            "tables": [t.as_json() for t in self.tables],
+        }
+        if self.rules:
+            out["rules"] = [r.as_json() for r in self.rules]
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 def _buckets(rows: int) -> int:
@@ -82,8 +142,13 @@ def _buckets(rows: int) -> int:
 
 
 def compare_table(
-    pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: duckfile.TableState, checks: list[str]
+    pg: psycopg.Connection[Any],
+    duck: duckdb.DuckDBPyConnection,
+    state: duckfile.TableState,
+    checks: list[str],
+    states: dict[identifiers.TableName, duckfile.TableState] | None = None,
 ) -> TableReport:
+    """``row_count``, ``data_hash`` and ``referential_integrity`` of one table (both sides as given)."""
     report = TableReport(str(state.source))
     src, tgt = state.source.sql, state.target.sql
     drow = duck.execute(f"SELECT count(*) FROM {tgt}").fetchone()
@@ -95,8 +160,46 @@ def compare_table(
         report.rows_source = int(row[0]) if row else 0
     if "row_count" in checks:
         report.checks["row_count"] = report.rows_source == report.rows_target
+    if "referential_integrity" in checks:
+        report.checks["referential_integrity"] = _references(pg, duck, state, states or {state.source: state}, report)
     report.ok = all(report.checks.values())
     return report
+
+
+def _references(
+    pg: psycopg.Connection[Any],
+    duck: duckdb.DuckDBPyConnection,
+    state: duckfile.TableState,
+    states: dict[identifiers.TableName, duckfile.TableState],
+    report: TableReport,
+) -> bool:
+    ok = True
+    for key in references.foreign_keys(pg, state.source):
+        entry: dict[str, Any] = {"name": key.name, "references": str(key.parent), "columns": list(key.columns)}
+        if key.parent not in states:
+            entry["skipped"] = f"{key.parent} is not synced into this target"
+        else:
+            found = references.check(duck, key, states)
+            entry["orphans"] = found.orphans
+            entry["sample_keys"] = found.sample
+            report.orphans += found.orphans
+            ok = ok and found.orphans == 0
+        report.foreign_keys.append(entry)
+    return ok
+
+
+def check_all(
+    pg: psycopg.Connection[Any],
+    duck: duckdb.DuckDBPyConnection,
+    states: dict[identifiers.TableName, duckfile.TableState],
+    names: list[identifiers.TableName],
+    checks: list[str],
+    rule_list: list[rules.Rule],
+) -> tuple[list[TableReport], list[rules.RuleReport]]:
+    """Every check on ``names`` and every rule, on the two connections as they stand."""
+    tables = [compare_table(pg, duck, states[n], checks, states) for n in names]
+    done = [rules.evaluate(r, duck, pg) for r in rule_list] if "business_rules" in checks else []
+    return tables, done
 
 
 def _data_hash(
@@ -169,38 +272,44 @@ def render_key(key: tuple[Any, ...]) -> str:
     return "|".join("~" if v is None else f"{len(str(v).encode())}:{v}" for v in key)
 
 
-def repair(pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: duckfile.TableState,
-           keys: list[tuple[Any, ...]]) -> int:
-    """Re-copy exactly the rows with ``keys`` from the source: delete them, insert the source's."""
-    from datasync.engine import snapshotting
-    from datasync.sources import typemaps
-
-    if not keys:
-        return 0
+def fetch_rows(pg: psycopg.Connection[Any], state: duckfile.TableState, keys: list[tuple[Any, ...]]) -> bytes:
+    """The source's current rows with ``keys`` (canonical key tuples), as CSV."""
     cols = state.columns
     key_cols = sorted((c for c in cols if c.name in state.key), key=lambda c: state.key.index(c.name))
-    rendered = [render_key(k) for k in keys]
     select = ", ".join(identifiers.quote(c.name) for c in cols)
     where = canonical.pg_row(key_cols).replace("%", "%%")
     buf = bytearray()
     with pg.cursor().copy(
-        f"COPY (SELECT {select} FROM {state.source.sql} WHERE {where} = ANY(%s)) TO STDOUT (FORMAT csv)", (rendered,)
+        f"COPY (SELECT {select} FROM {state.source.sql} WHERE {where} = ANY(%s)) TO STDOUT (FORMAT csv)",
+        ([render_key(k) for k in keys],),
     ) as cp:
         for block in cp:
             buf += block
+    return bytes(buf)
+
+
+def write_rows(duck: duckdb.DuckDBPyConnection, state: duckfile.TableState, keys: list[tuple[Any, ...]],
+               rows: bytes) -> int:
+    """Replace the copy's rows with ``keys`` by ``rows`` (from :func:`fetch_rows`), in one transaction."""
+    from datasync.engine import snapshotting
+    from datasync.sources import typemaps
+
+    cols = state.columns
+    key_cols = sorted((c for c in cols if c.name in state.key), key=lambda c: state.key.index(c.name))
     casts = ", ".join(typemaps.Mapping(c.duck_type, c.pg_base).cast(f"c{i}") for i, c in enumerate(cols))
     duck.execute("BEGIN TRANSACTION")
     try:
         duck.execute(
             f"DELETE FROM {state.target.sql} WHERE {canonical.duck_row(key_cols)} IN (SELECT unnest(?::VARCHAR[]))",
-            [rendered],
+            [[render_key(k) for k in keys]],
         )
-        if buf:
-            duck.register("_ds_repair", snapshotting.read_csv(bytes(buf), len(cols)))
+        if rows:
+            view = f"_ds_repair_{id(rows)}"
+            duck.register(view, snapshotting.read_csv(rows, len(cols)))
             try:
-                duck.execute(f"INSERT INTO {state.target.sql} SELECT {casts} FROM _ds_repair")
+                duck.execute(f"INSERT INTO {state.target.sql} SELECT {casts} FROM {view}")
             finally:
-                duck.unregister("_ds_repair")
+                duck.unregister(view)
         duck.execute("COMMIT")
     except BaseException:
         duck.execute("ROLLBACK")
@@ -208,51 +317,9 @@ def repair(pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: 
     return len(keys)
 
 
-def compare(
-    source: str, target: str, tables: list[str], checks: list[str], *, fix: bool = False
-) -> tuple[float, list[TableReport]]:
-    """Compare ``tables`` (all synced tables when empty) of ``target`` with the source.
-
-    ``fix``: re-copy the mismatching rows, then check again (the report says what was repaired).
-    """
-    from datasync import errors
-    from datasync.sources import connecting
-
-    unknown = [c for c in checks if c not in CHECKS]
-    if unknown:
-        raise errors.DataSyncError(f"unknown check(s) {', '.join(unknown)}", f"choose from {', '.join(CHECKS)}")
-    try:
-        duck = duckdb.connect(target, read_only=not fix)
-        duck.execute("SET enable_progress_bar = false")  # stdout carries the report
-    except duckdb.Error as exc:
-        raise errors.TargetError(
-            f"cannot open DuckDB target {target} for reading: {str(exc).splitlines()[0]}",
-            "a running `datasync sync` holds the file; stop it, or check through the writer (operator)",
-        ) from None
-    try:
-        try:
-            states = duckfile.DuckTarget.read_states(duck)
-        except duckdb.CatalogException:
-            raise errors.TargetError(
-                f"{target} is not a DataSync target (no _datasync schema)", "point --target at a file `datasync sync` wrote"
-            ) from None
-        names = [identifiers.TableName.parse(t) for t in tables] or sorted(states)
-        missing = [str(n) for n in names if n not in states]
-        if missing:
-            raise errors.DataSyncError(
-                f"{', '.join(missing)} not synced into {target}", "sync the table first, or fix its name"
-            )
-        with connecting.connect(source) as pg:
-            reports = [compare_table(pg, duck, states[n], checks) for n in names]
-            if fix:
-                for i, (n, r) in enumerate(zip(names, reports, strict=True)):
-                    if r.ok:
-                        continue
-                    if not r._keys:  # only counts were compared: find the rows first
-                        r = compare_table(pg, duck, states[n], [*checks, "data_hash"])
-                    fixed = repair(pg, duck, states[n], r._keys)
-                    reports[i] = compare_table(pg, duck, states[n], checks)
-                    reports[i].repaired = fixed
-    finally:
-        duck.close()
-    return overall_score(reports), reports
+def repair(pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: duckfile.TableState,
+           keys: list[tuple[Any, ...]]) -> int:
+    """Re-copy exactly the rows with ``keys`` from the source: delete them, insert the source's."""
+    if not keys:
+        return 0
+    return write_rows(duck, state, keys, fetch_rows(pg, state, keys))
