@@ -95,3 +95,87 @@ def test_repair_recopies_only_the_mismatching_rows(pg: helpers.Source, duck_path
     assert helpers.assert_same(pg, duck_path, "public.alltypes") == 4
     assert helpers.assert_same(pg, duck_path, "public.comp") == 3000
     assert untouched == (1,)
+
+
+def test_check_catches_the_copy_up_before_comparing(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g")
+    helpers.sync_once(pg, duck_path, "t")
+    pg.execute("UPDATE t SET v = 'b' WHERE id <= 10; DELETE FROM t WHERE id = 100; INSERT INTO t VALUES (101, 'new')")
+    code, report = _check(pg, duck_path)
+    assert code == 0 and report["consistency_score"] == 100.0 and report["aligned"], report
+    lsn = pg.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots")[0][0]
+    assert report["lsn"] is not None and report["lsn"] <= lsn or len(report["lsn"]) <= len(lsn)
+    assert helpers.assert_same(pg, duck_path, "t") == 100  # the check applied the pending changes
+
+
+def test_without_the_slot_the_copy_is_compared_as_it_stands(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g")
+    helpers.sync_once(pg, duck_path, "t")
+    for slot in pg.slots():
+        pg.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    pg.execute("UPDATE t SET v = 'b' WHERE id = 7")
+    code, report = _check(pg, duck_path)
+    assert code == 1 and not report["aligned"] and "compared as it stands" in report["note"]
+    assert report["tables"][0]["mismatched_keys"] == ["7"]
+
+
+def test_referential_integrity_and_business_rules(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute(
+        """CREATE TABLE owners (id int PRIMARY KEY, name text NOT NULL);
+           INSERT INTO owners SELECT g, 'o' || g FROM generate_series(1, 50) g;
+           CREATE TABLE "Projects" (id int PRIMARY KEY, owner_id int REFERENCES owners, amount numeric(10,2),
+                                    day date, parent int REFERENCES "Projects");
+           INSERT INTO "Projects" SELECT g, 1 + g % 50, g * 1.25, date '2024-01-01' + g % 7,
+                                         CASE WHEN g > 1 THEN 1 END FROM generate_series(1, 500) g;"""
+    )
+    helpers.sync_once(pg, duck_path, "owners", '"Projects"')
+    rules = [
+        "--rule", 'no_orphan_owner=SELECT p.id FROM public."Projects" p LEFT JOIN public.owners o '
+                  "ON o.id = p.owner_id WHERE o.id IS NULL",
+        "--rule", 'daily_sums~=SELECT day, sum(amount) AS total FROM public."Projects" GROUP BY day',
+    ]
+    args = ["check", "--source", pg.dsn, "--target", duck_path, "--json",
+            "--checks", "row_count,referential_integrity,business_rules", *rules]
+    res = helpers.cli(*args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert [r["ok"] for r in report["rules"]] == [True, True]
+    fks = {fk["name"]: fk for t in report["tables"] for fk in t["foreign_keys"]}
+    assert set(fks) == {"Projects_owner_id_fkey", "Projects_parent_fkey"}
+    assert all(fk["orphans"] == 0 for fk in fks.values())
+
+    # break the copy's integrity and a daily sum (slot dropped: the check must not re-sync the rows)
+    for slot in pg.slots():
+        pg.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    con = duckdb.connect(duck_path)
+    con.execute("DELETE FROM public.owners WHERE id = 3")
+    con.execute('UPDATE public."Projects" SET amount = amount + 1 WHERE id = 14')
+    con.close()
+    res = helpers.cli(*args)
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    by = {t["table"]: t for t in report["tables"]}
+    projects = by['public."Projects"']
+    assert projects["orphans"] == 10 and projects["checks"]["referential_integrity"] is False
+    owner_fk = next(fk for fk in projects["foreign_keys"] if fk["name"] == "Projects_owner_id_fkey")
+    assert owner_fk["sample_keys"] == [str(g) for g in range(2, 501, 50)]
+    rules_by = {r["name"]: r for r in report["rules"]}
+    assert rules_by["no_orphan_owner"]["violations"] == 10 and not rules_by["no_orphan_owner"]["ok"]
+    daily = rules_by["daily_sums"]
+    assert not daily["ok"] and daily["violations"] == 2  # the day's sum differs: one row each side
+    assert {s["side"] for s in daily["sample"]} == {"copy", "source"}
+    # score (row_count only, so the altered amount counts through the rule alone): owners 1 row short,
+    # Projects 10 orphans, rules 10 + 2 rows; out of 550 rows
+    assert report["consistency_score"] == round(100 * (1 - 23 / 550), 4)
+
+
+def test_rules_may_only_read(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+    helpers.sync_once(pg, duck_path, "t")
+    res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--rule", "evil=DELETE FROM public.t")
+    assert res.returncode != 0 and "rule evil is not a single SELECT" in res.stderr
+    res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--rule", "two=SELECT 1; DROP TABLE public.t")
+    assert res.returncode != 0 and "not a single SELECT" in res.stderr
+    res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--rule", "nonsense")
+    assert res.returncode != 0 and "NAME=SELECT" in res.stderr
+    assert helpers.assert_same(pg, duck_path, "t") == 10
