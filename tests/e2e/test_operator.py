@@ -26,6 +26,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -418,19 +419,84 @@ def test_operator_end_to_end(
     combined = cp.kubectl("get", "synctables,syncpolicies,consistencychecks", "-n", NS).stdout
     assert "synctable.datasync.dev/orders" in combined and "syncpolicy.datasync.dev/shop" in combined
 
-    # ---- a consistency check: counts agree
+    # ---- a consistency check, run by the writer at one LSN while customers keep changing
+    stop_traffic = threading.Event()
+
+    def traffic() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            n = 0
+            while not stop_traffic.is_set():
+                n += 1
+                conn.execute("UPDATE customers SET name = %s WHERE id = %s", (f"customer {n}", 1 + n % CUSTOMERS))
+                time.sleep(0.002)
+
+    mover = threading.Thread(target=traffic, daemon=True)
+    mover.start()
+    rules = [{"name": "no-negative-totals", "sql": "SELECT id FROM public.orders WHERE total < 0"},
+             {"name": "order-totals", "sql": "SELECT count(*), sum(total) FROM public.orders", "compareWithSource": True}]
     apply(cp, {"apiVersion": "datasync.dev/v1alpha1", "kind": "ConsistencyCheck",
                "metadata": {"name": "nightly", "namespace": NS},
-               "spec": {"policyRef": {"name": "shop"}, "tables": ["orders", "customers"]}})  # fmt: skip
-    cc = wait_for("the check result", lambda: phase("consistencycheck", "nightly", "Complete"), timeout=30, logs=both_logs)
-    assert cc["status"]["score"] == 100 and cc["status"]["consistent"] is True
+               "spec": {"policyRef": {"name": "shop"}, "tables": ["orders", "customers"], "schedule": "@every 8s",
+                        "checks": ["row_count", "data_hash", "business_rules", "referential_integrity"],
+                        "rules": rules, "historyLimit": 3}})  # fmt: skip
+    cc = wait_for("the check result", lambda: phase("consistencycheck", "nightly", "Complete"), timeout=60, logs=both_logs)
+    st = cc["status"]
+    assert st["score"] == 100 and st["consistent"] is True, st
     assert condition(cc, "Consistent")["status"] == "True" and condition(cc, "Complete")["status"] == "True"
-    assert {r["table"]: (r["rowCountSource"], r["rowCountTarget"]) for r in cc["status"]["tables"]} == {
-        "orders": (ORDERS + 20, ORDERS + 20), "customers": (CUSTOMERS, CUSTOMERS)
-    }  # fmt: skip
-    assert cc["status"]["lastRun"]
+    assert st["observedGeneration"] == cc["metadata"]["generation"]
+    assert {r["table"]: (r["rowCountSource"], r["rowCountTarget"], r["missing"], r["extra"], r["differing"], r["ok"])
+            for r in st["tables"]} == {"orders": (ORDERS + 20, ORDERS + 20, 0, 0, 0, True),
+                                       "customers": (CUSTOMERS, CUSTOMERS, 0, 0, 0, True)}  # fmt: skip
+    assert [(r["name"], r["ok"]) for r in st["rules"]] == [("no-negative-totals", True), ("order-totals", True)]
+    assert "/" in st["lsn"] and st["lastRun"] and st["nextRun"] > st["lastRun"] and st["durationSeconds"] > 0
+    # the schedule runs it again (history is bounded by historyLimit)
+    cc = wait_for("a scheduled second run", lambda: (c := get(cp, "consistencycheck", "nightly")) and
+                  len(c["status"].get("history", [])) >= 2 and c, timeout=60, logs=both_logs)  # fmt: skip
+    assert all(h["consistent"] and h["score"] == 100 for h in cc["status"]["history"])
     line = table_rows("consistencychecks")["nightly"]  # NAME SCORE CONSISTENT LAST-RUN AGE
     assert line[1] == "100" and line[2] == "true", line
+    with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert f'datasync_consistency_score{{check="nightly",namespace="{NS}"}} 100.0' in metrics
+    assert f'datasync_consistency_mismatched_rows{{check="nightly",namespace="{NS}",table="orders"}} 0.0' in metrics
+    assert "datasync_consistency_check_duration_seconds_count" in metrics
+    assert "datasync_consistency_last_success_timestamp_seconds" in metrics
+    assert "datasync_replication_lag_bytes" in metrics and postgres.password not in metrics
+    stop_traffic.set()
+    mover.join()
+
+    # ---- damage the copy behind the writer's back: the check finds the rows, repair re-copies only them
+    assert worker.stop() == 0, worker.tail()
+    with duckdb.connect(str(target)) as con:
+        con.execute("DELETE FROM public.orders WHERE id = 10")
+        con.execute("UPDATE public.orders SET note = 'damaged' WHERE id = 11")
+        con.execute("INSERT INTO public.customers VALUES (100000, 'stray')")
+    worker = run_container_locally(cp, deployment, tmp_path, target, health_port)
+
+    def run_after(moment: str) -> dict[str, Any] | None:
+        c = get(cp, "consistencycheck", "nightly")
+        s = (c or {}).get("status") or {}
+        return c if s.get("phase") == "Complete" and s.get("lastRun", "") > moment else None
+
+    damaged_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    cc = wait_for("a run that sees the damage", lambda: run_after(damaged_at), timeout=90, logs=both_logs)
+    st = cc["status"]
+    assert st["consistent"] is False and 99 < st["score"] < 100, st
+    assert condition(cc, "Consistent")["status"] == "False" and condition(cc, "Consistent")["reason"] == "Diverged"
+    by = {r["table"]: r for r in st["tables"]}
+    assert sorted(by["orders"]["mismatchedKeys"]) == ["10", "11"] and by["orders"]["missing"] == 1
+    assert by["customers"]["mismatchedKeys"] == ["100000"] and by["customers"]["extra"] == 1
+    line = table_rows("consistencychecks")["nightly"]
+    assert line[2] == "false", line
+    cp.kubectl("patch", "consistencycheck", "nightly", "-n", NS, "--type=merge", "-p", '{"spec": {"repair": true}}')
+    repaired_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    cc = wait_for("the repairing run", lambda: (c := run_after(repaired_at)) and c["status"]["consistent"] and c,
+                  timeout=90, logs=both_logs)  # fmt: skip
+    st = cc["status"]
+    assert st["score"] == 100 and st["history"][0]["repaired"] == 3, st
+    assert {r["table"]: r.get("repaired", 0) for r in st["tables"]} == {"orders": 2, "customers": 1}
+    orders = wait_for("orders whole again", lambda: streaming("orders", ORDERS + 20), timeout=30, logs=both_logs)
+    cp.kubectl("delete", "consistencycheck", "nightly", "-n", NS)
 
     # ---- bad sources: Ready=False with the reason and the engine's message, never the secret
     def bad(name: str) -> dict[str, Any] | None:

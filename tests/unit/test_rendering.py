@@ -124,6 +124,8 @@ def test_everything_is_owned_by_the_policy_and_rbac_is_least_privilege() -> None
         ("datasync.dev", "syncpolicies", ("shop",)): ["get"],
         ("datasync.dev", "synctables", ()): ["get", "list", "watch"],
         ("datasync.dev", "synctables/status", ()): ["get", "patch"],
+        ("datasync.dev", "consistencychecks", ()): ["get", "list", "watch"],
+        ("datasync.dev", "consistencychecks/status", ()): ["get", "patch"],
     }
     binding = objs[2]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "datasync-shop"}

@@ -1,16 +1,19 @@
 """ConsistencyCheck: compare SyncTables' copies with their PostgreSQL sources, once or on a schedule.
 
 The service spec's validation types map to ``checks``: ``row_count`` compares counts,
-``data_hash`` compares SHA-256 hashes of key ranges and narrows mismatches down to keys,
+``data_hash`` compares row hashes per key bucket and narrows mismatches down to keys,
 ``business_rules`` runs the SQL in ``rules``, ``referential_integrity`` checks the source's
-foreign keys between the copied tables. Results, the consistency score (percent of checks
-passed, the service's ``consistency_score``) and a bounded history land in status, so
-``kubectl get consistencychecks`` is the report and Argo CD can show it.
+foreign keys between the copied tables. Results, the consistency score (rows that are wrong
+against rows compared, ``datasync.validation.comparing``) and a bounded history land in
+status, so ``kubectl get consistencychecks`` is the report and Argo CD can show it.
 
 Why checks reference SyncTables (not SQL table names): a SyncTable already knows its policy,
-source, target, key and column filter, which is what a comparison needs. Reads of the DuckDB
-copy go through the policy's writer (DuckDB allows no second process on a file in use), so
-the comparison is made at one LSN and reported with it.
+source, target, key and column filter, which is what a comparison needs. The policy's writer
+runs the checks (DuckDB allows no second process on a file in use), both sides pinned at one
+LSN, which the status reports.
+
+A run starts when the spec changes, when the ``datasync.dev/run`` annotation gets a new value
+(``kubectl annotate cc NAME datasync.dev/run="$(date +%s)" --overwrite``), and on the schedule.
 """
 
 from __future__ import annotations
@@ -133,15 +136,33 @@ class TableResult(StatusModel):
     """Outcome of the latest run for one table."""
 
     table: str = Field(max_length=253, description="Name of the SyncTable.")
+    source_table: str | None = Field(default=None, max_length=260, description="The PostgreSQL table, schema.table.")
     ok: bool = Field(description="Whether every check passed for this table.")
+    score: float | None = Field(default=None, ge=0, le=100, description="The table's consistency score, in percent.")
     row_count_source: Int64 | None = Field(default=None, description="Rows in the source table at the compared LSN.")
     row_count_target: Int64 | None = Field(default=None, description="Rows in the target table at the compared LSN.")
     mismatches: Int64 | None = Field(default=None, description="Rows found different (missing, extra or changed).")
+    missing: Int64 | None = Field(default=None, description="Source rows the copy lacks (data_hash).")
+    extra: Int64 | None = Field(default=None, description="Copy rows the source lacks (data_hash).")
+    differing: Int64 | None = Field(default=None, description="Rows present on both sides with different values (data_hash).")
+    orphans: Int64 | None = Field(default=None, description="Copy rows violating a foreign key (referential_integrity).")
     mismatched_keys: list[Annotated[str, Field(max_length=1024)]] | None = Field(
         default=None, max_length=100, description="Keys of some differing rows (at most 100), rendered as text."
     )
     repaired: Int64 | None = Field(default=None, description="Rows re-copied by repair.")
     checks: list[CheckResult] | None = Field(default=None, max_length=64, description="Per-check outcomes.")
+
+
+class RuleResult(StatusModel):
+    """Outcome of one business rule."""
+
+    name: RuleName = Field(description="The rule.")
+    ok: bool = Field(description="Whether the rule holds.")
+    violations: Int64 | None = Field(default=None, description="Rows the rule reported (or by which the results differ).")
+    message: str | None = Field(default=None, max_length=1024, description="What was found.")
+    sample: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        default=None, max_length=10, description="Some offending rows, rendered as text."
+    )
 
 
 class HistoryEntry(StatusModel):
@@ -153,6 +174,7 @@ class HistoryEntry(StatusModel):
     mismatches: Int64 | None = Field(default=None, description="Rows found different over all tables.")
     lsn: Lsn | None = Field(default=None, description="Source WAL position the run compared at.")
     duration_seconds: float | None = Field(default=None, ge=0, description="How long the run took.")
+    repaired: Int64 | None = Field(default=None, description="Rows re-copied by repair in the run.")
 
 
 class ConsistencyCheckStatus(StatusModel):
@@ -170,6 +192,10 @@ class ConsistencyCheckStatus(StatusModel):
     lsn: Lsn | None = Field(default=None, description="Source WAL position the latest run compared at.")
     duration_seconds: float | None = Field(default=None, ge=0, description="How long the latest run took.")
     tables: list[TableResult] | None = Field(default=None, max_length=100, description="Per-table results of the latest run.")
+    rules: list[RuleResult] | None = Field(default=None, max_length=50, description="Business rule results of the latest run.")
+    run_request: str | None = Field(
+        default=None, max_length=253, description="The datasync.dev/run annotation value the latest run answered."
+    )
     history: list[HistoryEntry] | None = Field(default=None, max_length=100, description="Latest runs, newest first.")
     message: str | None = Field(default=None, max_length=4096, description="Human-readable detail, e.g. why a run failed.")
 

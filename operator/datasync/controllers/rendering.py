@@ -90,6 +90,9 @@ def role(policy: SyncPolicy) -> Manifest:
             },
             {"apiGroups": ["datasync.dev"], "resources": ["synctables"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["datasync.dev"], "resources": ["synctables/status"], "verbs": ["get", "patch"]},
+            # the writer runs the policy's consistency checks (it alone can read the DuckDB file)
+            {"apiGroups": ["datasync.dev"], "resources": ["consistencychecks"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["datasync.dev"], "resources": ["consistencychecks/status"], "verbs": ["get", "patch"]},
         ],
     }
 

@@ -1,4 +1,4 @@
-"""The worker's probe endpoints: ``/healthz`` (alive) and ``/readyz`` (doing its job).
+"""The worker's HTTP endpoints: ``/healthz`` (alive), ``/readyz`` (doing its job), ``/metrics``.
 
 A thread with the standard library's HTTP server: no dependency, and it answers while the
 engine thread is busy inside a long snapshot. Liveness means the control loop still ticks
@@ -32,9 +32,17 @@ class Health:
         return time.monotonic() - self.last_tick < STALE_SECONDS
 
 
-def _handler(health: Health) -> type[BaseHTTPRequestHandler]:
+def _handler(health: Health, metrics: Callable[[], bytes] | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if metrics is not None and self.path.split("?", 1)[0] == "/metrics":
+                body = metrics()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             checks: dict[str, Callable[[], bool]] = {"/healthz": health.alive, "/readyz": lambda: health.ready}
             check = checks.get(self.path.split("?", 1)[0])
             if check is None:
@@ -54,10 +62,10 @@ def _handler(health: Health) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(health: Health, address: str) -> ThreadingHTTPServer:
+def serve(health: Health, address: str, metrics: Callable[[], bytes] | None = None) -> ThreadingHTTPServer:
     """Start serving on ``host:port`` in a daemon thread; ``shutdown()`` the result to stop."""
     host, _, port = address.rpartition(":")
-    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), _handler(health))
+    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), _handler(health, metrics))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server

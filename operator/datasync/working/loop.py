@@ -44,10 +44,10 @@ from datasync import errors, identifiers, kube
 from datasync.api import GROUP, VERSION, SyncPolicy
 from datasync.api.conditions import READY, SNAPSHOTTED
 from datasync.controllers import naming, statuses
-from datasync.engine import pgoutput, syncing
+from datasync.engine import pgoutput, pinning, syncing
 from datasync.sources import checking, connecting
 from datasync.targets import duckfile
-from datasync.working import health, reporting, tables
+from datasync.working import checks, health, metrics, reporting, tables
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ class Worker:
         self.publish_every = publish
         self.health = health.Health()
         self.progress = reporting.Progress()
+        self.metrics = metrics.Metrics(namespace, policy, self.progress)
+        self.pins = pinning.Pins()  # consistency checks pin the engine at exact positions
+        self.checks = checks.Checks(client, namespace, policy, dsn, self.pins, self.metrics)
         self.engine: Engine | None = None
         self.plan: tuple[Any, ...] | None = None
         self.path: str | None = None
@@ -126,7 +129,7 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, stop: threading.Event) -> int:
-        server = health.serve(self.health, self.health_address)
+        server = health.serve(self.health, self.health_address, self.metrics.exposition)
         log.info("worker for SyncPolicy %s/%s, health on %s", self.namespace, self.policy_name, self.health_address)
         try:
             while not stop.is_set():
@@ -142,6 +145,7 @@ class Worker:
         finally:
             if not self._halt():
                 log.error("the engine did not stop in time")
+            self.checks.join(10.0)  # a check in flight ends once the engine stops serving pins
             server.shutdown()
             if self.reader is not None:
                 self.reader.close()
@@ -209,6 +213,7 @@ class Worker:
             self.plan = plan
             self.retry_at = 0.0
         self._publish([w for w in all_tables if not w.deleting], runnable, problems)
+        self.checks.tick(policy, policy.spec.alerts.consistency_score_threshold)
         ready = not runnable or (self.engine is not None and self.engine.running)
         self.health.tick(ready, f"{len(runnable)} table(s) running" if ready else (self._engine_error() or "engine not running"))
 
@@ -226,6 +231,7 @@ class Worker:
             batch_changes=policy.spec.defaults.batch_size,
             max_batch_seconds=policy.spec.defaults.max_batch_seconds,
             memory_limit=policy.spec.target.duckdb_settings().memory_limit or "1GB",
+            pins=self.pins,
         )
         log.info("starting the engine for %s", ", ".join(str(w.source) for w in runnable))
         self.engine = Engine(opts, self.progress)
