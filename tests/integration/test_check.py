@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pytest
 
 from datasync.engine import pgoutput
+from datasync.validation import hashing, running
 from tests import helpers
 from tests.integration.test_snapshot import ROWS, TYPES_DDL
 
@@ -180,3 +182,26 @@ def test_rules_may_only_read(pg: helpers.Source, duck_path: str) -> None:
     res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--rule", "nonsense")
     assert res.returncode != 0 and "NAME=SELECT" in res.stderr
     assert helpers.assert_same(pg, duck_path, "t") == 10
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["pg-hashes", "portable-md5"])
+def test_both_hash_paths_find_the_same_rows(pg: helpers.Source, duck_path: str, native: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C extension the canonical-text md5 path runs; it finds exactly the same rows."""
+    pg.execute(TYPES_DDL)
+    pg.execute(ROWS)
+    pg.execute("CREATE TABLE comp (a text, b uuid, v jsonb, PRIMARY KEY (a, b));"
+               "INSERT INTO comp SELECT 'k' || (g % 10), md5(g::text)::uuid, jsonb_build_object('g', g) "
+               "FROM generate_series(1, 2000) g")
+    helpers.sync_once(pg, duck_path, "alltypes", "comp")
+    con = duckdb.connect(duck_path)
+    con.execute("UPDATE public.alltypes SET jb = '{\"k\": 1.5}', n_any = '2' WHERE id = 4")
+    con.execute("DELETE FROM public.comp WHERE b = md5('7')::UUID")
+    con.execute("""UPDATE public.comp SET v = '{"g": 9}' WHERE b = md5('8')::UUID""")
+    con.close()
+    monkeypatch.setattr(hashing, "AVAILABLE", native and hashing.AVAILABLE)
+    run = running.check_file(pg.dsn, duck_path, running.Request([], ["row_count", "data_hash"]))
+    by = {t.table: t for t in run.tables}
+    assert by["public.alltypes"].mismatched_keys == ["4"]
+    assert sorted(by["public.comp"].mismatched_keys) == [["k7", helpers.md5_uuid(7)], ["k8", helpers.md5_uuid(8)]]
+    assert (by["public.comp"].missing, by["public.comp"].differing) == (1, 1)

@@ -99,16 +99,13 @@ class Metrics:
 
     def forget(self, check: str) -> None:
         """A deleted check leaves no series behind."""
-        for gauge in (self.table_score, self.mismatched):
-            for labels in list(gauge._metrics):  # prometheus_client has no public listing of children
+        wrappers: tuple[MetricWrapperBase, ...] = (
+            self.score, self.table_score, self.mismatched, self.duration, self.last_success, self.runs, self.repaired,
+        )
+        for metric in wrappers:
+            for labels in list(metric._metrics):  # prometheus_client has no public listing of children
                 if labels[:2] == (self.namespace, check):
-                    gauge.remove(*labels)
-        per_check: tuple[MetricWrapperBase, ...] = (self.score, self.last_success, self.duration, self.repaired)
-        for metric in per_check:
-            try:
-                metric.remove(self.namespace, check)
-            except KeyError:
-                pass
+                    metric.remove(*labels)
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
