@@ -18,6 +18,8 @@ the source cannot make equal bytes hash differently.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -136,8 +138,19 @@ class Plan:
         """bucket → (rows, sum of row hashes mod 2⁶⁴) of the copy."""
         counts, sums = bytearray(8 * nb), bytearray(8 * nb)
         n = len(self.columns)
-        for batch in self._batches(duck, table):
+
+        def add(batch: pa.RecordBatch) -> None:
             _pghash.aggregate(self._spec(batch), batch.num_rows, self.int_key, self.keys, nb, n, counts, sums)
+
+        # DuckDB converts to Arrow on one thread: hash batch i (GIL released) while it converts i+1
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pghash") as pool:
+            pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+            for batch in self._batches(duck, table):
+                pending.append(pool.submit(add, batch))
+                if len(pending) > 2:
+                    pending.popleft().result()
+            for future in pending:
+                future.result()
         cv, sv = memoryview(counts).cast("q"), memoryview(sums).cast("Q")
         return {b: (cv[b], sv[b]) for b in range(nb) if cv[b]}
 
