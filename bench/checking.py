@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 
 import duckdb
+import psutil
 import psycopg
 from rich.table import Table
 
@@ -56,18 +58,48 @@ def _reladiff(dsn: str, path: str, name: str) -> tuple[float, set[str]]:
     return elapsed, keys
 
 
-def _both(dsn: str, path: str, name: str, rounds: int = 2) -> tuple[float, set[str], float, set[str]]:
-    """Each tool ``rounds`` times, alternating (so neither always meets colder caches); the best time of each."""
+class _PeakRss:
+    """Peak resident memory of this process above its level at the start (both tools run in-process)."""
+
+    def __enter__(self) -> _PeakRss:
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _both(dsn: str, path: str, name: str, rounds: int = 2) -> tuple[float, set[str], float, set[str], float, float]:
+    """Each tool ``rounds`` times, alternating (so neither always meets colder caches); the best time of each,
+    and the largest memory growth each caused."""
     ours: list[float] = []
     theirs: list[float] = []
     ours_keys: set[str] = set()
     rd_keys: set[str] = set()
+    ours_mb = theirs_mb = 0.0
     for _ in range(rounds):
-        t, ours_keys = _ours(dsn, path, name)
+        with _PeakRss() as mem:
+            t, ours_keys = _ours(dsn, path, name)
         ours.append(t)
-        t, rd_keys = _reladiff(dsn, path, name)
+        ours_mb = max(ours_mb, mem.mb)
+        with _PeakRss() as mem:
+            t, rd_keys = _reladiff(dsn, path, name)
         theirs.append(t)
-    return min(ours), ours_keys, min(theirs), rd_keys
+        theirs_mb = max(theirs_mb, mem.mb)
+    return min(ours), ours_keys, min(theirs), rd_keys, ours_mb, theirs_mb
 
 
 def _inject(path: str, name: str, rows: int) -> set[str]:
@@ -86,7 +118,8 @@ def _inject(path: str, name: str, rows: int) -> set[str]:
 
 def run(dsn: str, work: str, sizes: list[int], console: object) -> Table:
     out = Table(title="Consistency check vs reladiff (2 cores)")
-    for col in ("rows", "case", "datasync s", "reladiff s", "speed-up", "datasync found", "reladiff found"):
+    for col in ("rows", "case", "datasync s", "reladiff s", "speed-up", "datasync rows/s", "RSS growth MB (ours / reladiff)",
+                "datasync found", "reladiff found"):
         out.add_column(col)
     for rows in sizes:
         name = f"chk_{rows // 1_000_000}m"
@@ -94,13 +127,15 @@ def run(dsn: str, work: str, sizes: list[int], console: object) -> Table:
         common.create_mixed(dsn, name, rows)
         path = os.path.join(work, f"{name}.duckdb")
         syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=f"bench_{name}"))
-        ours_s, ours_keys, rd_s, rd_keys = _both(dsn, path, name)
+        ours_s, ours_keys, rd_s, rd_keys, ours_mb, rd_mb = _both(dsn, path, name)
         assert not ours_keys and not rd_keys, (ours_keys, rd_keys)
-        out.add_row(f"{rows / 1e6:.0f}M", "identical", f"{ours_s:.1f}", f"{rd_s:.1f}", f"{rd_s / ours_s:.1f}×", "0", "0")
+        out.add_row(f"{rows / 1e6:.0f}M", "identical", f"{ours_s:.1f}", f"{rd_s:.1f}", f"{rd_s / ours_s:.1f}×",
+                    f"{rows / ours_s / 1e6:.2f}M", f"{ours_mb:.0f} / {rd_mb:.0f}", "0", "0")
         injected = _inject(path, name, rows)
-        ours_s, ours_keys, rd_s, rd_keys = _both(dsn, path, name)
+        ours_s, ours_keys, rd_s, rd_keys, ours_mb, rd_mb = _both(dsn, path, name)
         out.add_row(
             f"{rows / 1e6:.0f}M", "100 differences", f"{ours_s:.1f}", f"{rd_s:.1f}", f"{rd_s / ours_s:.1f}×",
+            f"{rows / ours_s / 1e6:.2f}M", f"{ours_mb:.0f} / {rd_mb:.0f}",
             f"{len(ours_keys & injected)}/100" + ("" if ours_keys == injected else f" (+{len(ours_keys - injected)} wrong)"),
             f"{len(rd_keys & injected)}/100" + ("" if rd_keys == injected else f" (+{len(rd_keys - injected)} wrong)"),
         )
