@@ -98,12 +98,15 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
 @click.option("--rule", "rule_texts", multiple=True, metavar="NAME=SELECT…",
               help="A business rule: NAME=SELECT … passes when it returns no rows; NAME~=SELECT … passes when the "
                    "source returns the same rows. Repeatable; implies business_rules.")
+@click.option("--foreign-key", "fk_texts", multiple=True, metavar="[NAME:]CHILD(COLS)->PARENT(COLS)",
+              help="A foreign key to check besides the source catalog's, e.g. 'public.orders(customer_id) -> "
+                   "public.customers(id)'. Repeatable; implies referential_integrity.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--repair", is_flag=True, help="Re-copy only the mismatching rows from the source, then re-check.")
 @click.option("--slot", help="The target's replication slot (default: derived from the target path, as sync does).")
 @click.option("--publication", help="Its publication (default: the slot name).")
-def check(source: str, target: str, tables: tuple[str, ...], checks: str, rule_texts: tuple[str, ...], as_json: bool,
-          repair: bool, slot: str | None, publication: str | None) -> None:
+def check(source: str, target: str, tables: tuple[str, ...], checks: str, rule_texts: tuple[str, ...],
+          fk_texts: tuple[str, ...], as_json: bool, repair: bool, slot: str | None, publication: str | None) -> None:
     """Compare the DuckDB copy with PostgreSQL at one LSN; exit 1 when they differ.
 
     The copy is first brought to the source's position through its own slot (as `sync --once`
@@ -114,7 +117,7 @@ def check(source: str, target: str, tables: tuple[str, ...], checks: str, rule_t
     from rich.table import Table
 
     from datasync import identifiers
-    from datasync.validation import rules, running
+    from datasync.validation import references, rules, running
 
     try:
         request = running.Request(
@@ -122,6 +125,7 @@ def check(source: str, target: str, tables: tuple[str, ...], checks: str, rule_t
             [c.strip() for c in checks.split(",") if c.strip()],
             [rules.parse(t) for t in rule_texts],
             repair,
+            [references.parse(t) for t in fk_texts],
         )
         run = running.check_file(source, target, request, slot=slot, publication=publication)
     except errors.DataSyncError as exc:

@@ -170,6 +170,14 @@ INVALID: tuple[Invalid, ...] = (
         "checks include business_rules but spec.rules is empty",
     ),
     Invalid(
+        "foreign-key-column-count",
+        consistency_check("foreign-key-column-count", checks=["referential_integrity"], foreignKeys=[
+            {"name": "fk", "table": "orders", "columns": ["a", "b"], "references": {"table": "customers", "columns": ["id"]}}
+        ]),
+        ("spec.foreignKeys[0].columns", "a foreign key needs as many columns as it references"),
+        "a foreign key needs as many columns as it references",
+    ),
+    Invalid(
         "policy-name-too-long",
         sync_policy("p" * 51),
         ("SyncPolicy names are at most 50 characters",),

@@ -205,3 +205,19 @@ def test_both_hash_paths_find_the_same_rows(pg: helpers.Source, duck_path: str, 
     assert by["public.alltypes"].mismatched_keys == ["4"]
     assert sorted(by["public.comp"].mismatched_keys) == [["k7", helpers.md5_uuid(7)], ["k8", helpers.md5_uuid(8)]]
     assert (by["public.comp"].missing, by["public.comp"].differing) == (1, 1)
+
+
+def test_declared_foreign_keys_are_checked_too(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a SELECT generate_series(1, 10);"
+               "CREATE TABLE b (id int PRIMARY KEY, a_ref int);"  # no foreign key in the catalog
+               "INSERT INTO b SELECT g, g FROM generate_series(1, 10) g; INSERT INTO b VALUES (11, 99), (12, NULL)")
+    helpers.sync_once(pg, duck_path, "a", "b")
+    res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--json", "--checks", "row_count",
+                      "--foreign-key", "b_to_a: public.b(a_ref) -> public.a(id)")
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    b = next(t for t in report["tables"] if t["table"] == "public.b")
+    assert b["orphans"] == 1 and b["foreign_keys"][0]["name"] == "b_to_a"
+    assert b["foreign_keys"][0]["sample_keys"] == ["11"]  # 12 is exempt: its reference is NULL
+    bad = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--foreign-key", "public.b(a_ref) -> public.zz(id)")
+    assert bad.returncode != 0 and "public.zz, not synced" in bad.stderr

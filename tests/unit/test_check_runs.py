@@ -63,3 +63,46 @@ def test_metrics_carry_results_and_forget_deleted_checks() -> None:
     assert 'datasync_consistency_check_duration_seconds_count{check="nightly",namespace="ns"} 1.0' in text
     m.forget("nightly")
     assert 'check="nightly"' not in m.exposition().decode()
+
+
+class FakeKube:
+    def __init__(self, objects: dict[str, dict[str, Any]]) -> None:
+        self.objects = objects
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        return self.objects.get(path.rsplit("/", 1)[-1])
+
+
+def synctable(name: str, table: str, policy: str = "p", ready: bool = True) -> dict[str, Any]:
+    return {
+        "apiVersion": "datasync.dev/v1alpha1", "kind": "SyncTable",
+        "metadata": {"name": name, "namespace": "ns"},
+        "spec": {"policyRef": {"name": policy}, "source": {"schema": "sales", "table": table}},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False", "reason": "X",
+                                   "message": "", "lastTransitionTime": "2026-11-29T00:00:00Z"}]},
+    }
+
+
+def test_declared_foreign_keys_map_synctables_to_source_tables() -> None:
+    from datasync.api import ConsistencyCheck
+
+    kube = FakeKube({"orders": synctable("orders", "Orders"), "customers": synctable("customers", "customers"),
+                     "other": synctable("other", "x", policy="q"), "cold": synctable("cold", "c", ready=False)})
+    runner = checks.Checks(kube, "ns", "p", "dsn", None, metrics.Metrics("ns", "p"))  # type: ignore[arg-type]
+    check = ConsistencyCheck.model_validate({
+        "apiVersion": "datasync.dev/v1alpha1", "kind": "ConsistencyCheck", "metadata": {"name": "c", "namespace": "ns"},
+        "spec": {"policyRef": {"name": "p"}, "tables": ["orders"], "checks": ["referential_integrity"],
+                 "foreignKeys": [{"name": "fk", "table": "orders", "columns": ["customer_id"],
+                                  "references": {"table": "customers", "columns": ["id"]}}]},
+    })
+    (fk,) = runner._foreign_keys(check)
+    assert (str(fk.child), fk.columns, str(fk.parent), fk.parent_columns) == (
+        'sales."Orders"', ("customer_id",), "sales.customers", ("id",))
+    assert runner._tables(check) == {"orders": fk.child}
+    for name, why in (("other", "belongs to another policy"), ("cold", "not Ready"), ("gone", "does not exist")):
+        try:
+            runner._source_of(name)
+        except checks.NotReady as exc:
+            assert why in str(exc)
+        else:
+            raise AssertionError(name)

@@ -36,7 +36,9 @@ from datasync.api.common import (
     PrinterColumn,
     Resource,
     Rule,
+    SqlName,
     StatusModel,
+    SubdomainName,
     unique_items,
 )
 from datasync.api.conditions import Conditions
@@ -72,6 +74,41 @@ class BusinessRule(ApiModel):
     description: str | None = Field(
         default=None, max_length=1024, description="What the rule guards, for people reading results."
     )
+
+
+class ForeignKeyTarget(ApiModel):
+    """The referenced side of a declared foreign key."""
+
+    table: SubdomainName = Field(description="The referenced SyncTable (same policy).")
+    columns: Annotated[list[SqlName], Field(min_length=1, max_length=32)] = Field(
+        description="Referenced columns, in order (usually the key)."
+    )
+
+
+class DeclaredForeignKey(ApiModel):
+    """A foreign key the source does not declare, checked by referential_integrity like the catalog's."""
+
+    __cel__ = (
+        Rule(
+            rule="size(self.columns) == size(self.references.columns)",
+            message="a foreign key needs as many columns as it references",
+            check=lambda k: len(k.columns) == len(k.references.columns),
+            field_path=".columns",
+        ),
+    )
+
+    name: RuleName = Field(description="Name of the foreign key, unique in the check.")
+    table: SubdomainName = Field(description="The referencing SyncTable.")
+    columns: Annotated[list[SqlName], Field(min_length=1, max_length=32)] = Field(
+        description="Referencing columns, in order. A row with any of them NULL is exempt (MATCH SIMPLE)."
+    )
+    references: ForeignKeyTarget = Field(description="The referenced SyncTable and columns.")
+
+
+def _unique_fk_names(keys: list[DeclaredForeignKey] | None) -> list[DeclaredForeignKey] | None:
+    if keys:
+        unique_items([k.name for k in keys])
+    return keys
 
 
 def _unique_rule_names(rules: list[BusinessRule] | None) -> list[BusinessRule] | None:
@@ -110,6 +147,12 @@ class ConsistencyCheckSpec(ApiModel):
         max_length=50,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
         description="Business rules, run by the business_rules check.",
+    )
+    foreign_keys: Annotated[list[DeclaredForeignKey] | None, AfterValidator(_unique_fk_names)] = Field(
+        default=None,
+        max_length=50,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Foreign keys to check besides those the source catalog declares (referential_integrity).",
     )
     schedule: Cron | None = Field(
         default=None, description='When to run, in cron syntax (UTC), e.g. "*/30 * * * *"; once (on each spec change) when unset.'

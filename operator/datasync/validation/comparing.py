@@ -149,6 +149,7 @@ def compare_table(
     state: duckfile.TableState,
     checks: list[str],
     states: dict[identifiers.TableName, duckfile.TableState] | None = None,
+    declared: list[references.ForeignKey] | None = None,
 ) -> TableReport:
     """``row_count``, ``data_hash`` and ``referential_integrity`` of one table (both sides as given)."""
     report = TableReport(str(state.source))
@@ -163,7 +164,9 @@ def compare_table(
     if "row_count" in checks:
         report.checks["row_count"] = report.rows_source == report.rows_target
     if "referential_integrity" in checks:
-        report.checks["referential_integrity"] = _references(pg, duck, state, states or {state.source: state}, report)
+        report.checks["referential_integrity"] = _references(
+            pg, duck, state, states or {state.source: state}, report, declared or []
+        )
     report.ok = all(report.checks.values())
     return report
 
@@ -174,9 +177,13 @@ def _references(
     state: duckfile.TableState,
     states: dict[identifiers.TableName, duckfile.TableState],
     report: TableReport,
+    declared: list[references.ForeignKey],
 ) -> bool:
     ok = True
-    for key in references.foreign_keys(pg, state.source):
+    keys = references.foreign_keys(pg, state.source)
+    seen = {(k.columns, k.parent, k.parent_columns) for k in keys}
+    keys += [k for k in declared if k.child == state.source and (k.columns, k.parent, k.parent_columns) not in seen]
+    for key in keys:
         entry: dict[str, Any] = {"name": key.name, "references": str(key.parent), "columns": list(key.columns)}
         if key.parent not in states:
             entry["skipped"] = f"{key.parent} is not synced into this target"
@@ -197,9 +204,10 @@ def check_all(
     names: list[identifiers.TableName],
     checks: list[str],
     rule_list: list[rules.Rule],
+    declared: list[references.ForeignKey] | None = None,
 ) -> tuple[list[TableReport], list[rules.RuleReport]]:
     """Every check on ``names`` and every rule, on the two connections as they stand."""
-    tables = [compare_table(pg, duck, states[n], checks, states) for n in names]
+    tables = [compare_table(pg, duck, states[n], checks, states, declared) for n in names]
     done = [rules.evaluate(r, duck, pg) for r in rule_list] if "business_rules" in checks else []
     return tables, done
 

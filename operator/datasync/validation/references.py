@@ -3,7 +3,8 @@
 DuckDB tables carry no foreign keys (the engine copies data, not constraints), so nothing
 stops a lost parent row or a stray child row in the copy.  The source enforces its foreign
 keys at every commit; a copy aligned with it at one LSN must satisfy them too.  Foreign keys
-are read from ``pg_constraint`` for the checked tables whose referenced table is synced into
+are read from ``pg_constraint`` for the checked tables (plus any declared ones the catalog
+lacks, e.g. between tables of different applications) whose referenced table is synced into
 the same target; a child row with every referencing column set (MATCH SIMPLE: one NULL
 exempts the row, as in PostgreSQL) and no parent row is an *orphan*.
 """
@@ -11,12 +12,13 @@ exempts the row, as in PostgreSQL) and no parent row is an *orphan*.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import duckdb
 import psycopg
 
-from datasync import identifiers
+from datasync import errors, identifiers
 from datasync.identifiers import quote
 from datasync.targets import duckfile
 
@@ -40,6 +42,28 @@ class Violations:
     key: ForeignKey
     orphans: int
     sample: list[Any]  # key values of orphan rows (the child's primary key)
+
+
+_DECLARED = re.compile(
+    r"^\s*(?:(?P<name>[^:]+):)?\s*(?P<child>.+?)\s*\((?P<cols>[^)]*)\)"
+    r"\s*->\s*(?P<parent>.+?)\s*\((?P<pcols>[^)]*)\)\s*$"
+)
+
+
+def parse(text: str) -> ForeignKey:
+    """``[NAME:] schema.child(col, ...) -> schema.parent(col, ...)``: a foreign key the catalog lacks."""
+    m = _DECLARED.match(text)
+    if m is None:
+        raise errors.DataSyncError(
+            f"cannot read foreign key {text!r}", "write [NAME:] SCHEMA.CHILD(COL, ...) -> SCHEMA.PARENT(COL, ...)"
+        )
+    cols = tuple(c.strip() for c in m["cols"].split(",") if c.strip())
+    pcols = tuple(c.strip() for c in m["pcols"].split(",") if c.strip())
+    if not cols or len(cols) != len(pcols):
+        raise errors.DataSyncError(f"foreign key {text!r} needs as many columns as it references", "list both sides")
+    child, parent = identifiers.TableName.parse(m["child"]), identifiers.TableName.parse(m["parent"])
+    name = (m["name"] or f"{child.name}_{'_'.join(cols)}_fkey").strip()
+    return ForeignKey(name, child, cols, parent, pcols)
 
 
 def foreign_keys(pg: psycopg.Connection[Any], child: identifiers.TableName) -> list[ForeignKey]:

@@ -31,7 +31,7 @@ from datasync import errors, identifiers
 from datasync.engine import pinning, streaming
 from datasync.sources import connecting, replication
 from datasync.targets import duckfile
-from datasync.validation import aligning, comparing, rules
+from datasync.validation import aligning, comparing, references, rules
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Request:
     checks: list[str]
     rules: list[rules.Rule] = dataclasses.field(default_factory=list)
     repair: bool = False
+    foreign_keys: list[references.ForeignKey] = dataclasses.field(default_factory=list)  # besides the catalog's
 
     def validate(self) -> None:
         unknown = [c for c in self.checks if c not in comparing.CHECKS]
@@ -57,6 +58,8 @@ class Request:
             raise errors.DataSyncError("business_rules needs at least one rule", "pass --rule NAME=SELECT ...")
         for rule in self.rules:
             rules.validate(rule)
+        if self.foreign_keys and "referential_integrity" not in self.checks:
+            self.checks.append("referential_integrity")
 
 
 def _names(request: Request, states: dict[identifiers.TableName, duckfile.TableState]) -> list[identifiers.TableName]:
@@ -77,7 +80,14 @@ def _check_aligned(
     with aligning.aligned(dsn, pins) as a:
         states = duckfile.DuckTarget.read_states(a.duck)  # the table set as of the pinned position
         names = _names(request, states)
-        tables, done = comparing.check_all(a.pg, a.duck, states, names, request.checks, request.rules)
+        missing = sorted({str(t) for k in request.foreign_keys for t in (k.child, k.parent) if t not in states})
+        if missing:
+            raise errors.DataSyncError(
+                f"declared foreign keys name {', '.join(missing)}, not synced into this target", "sync them or fix the names"
+            )
+        tables, done = comparing.check_all(
+            a.pg, a.duck, states, names, request.checks, request.rules, request.foreign_keys
+        )
         lsn = a.lsn
     return comparing.Run(tables, done, lsn, started), states
 
@@ -203,7 +213,9 @@ def _check_as_is(source: str, target: duckfile.DuckTarget, request: Request, slo
     names = _names(request, states)
     with connecting.connect(source, autocommit=False) as pg:
         pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        tables, done = comparing.check_all(pg, target.con, states, names, request.checks, request.rules)
+        tables, done = comparing.check_all(
+            pg, target.con, states, names, request.checks, request.rules, request.foreign_keys
+        )
         pg.rollback()
         if request.repair:
             for t in tables:
@@ -213,7 +225,9 @@ def _check_as_is(source: str, target: duckfile.DuckTarget, request: Request, slo
             fixed = {t.table: comparing.repair(pg, target.con, states[identifiers.TableName.parse(t.table)], t._keys)
                      for t in tables if t._keys}
             if fixed:
-                tables, done = comparing.check_all(pg, target.con, states, names, request.checks, request.rules)
+                tables, done = comparing.check_all(
+                    pg, target.con, states, names, request.checks, request.rules, request.foreign_keys
+                )
                 for t in tables:
                     t.repaired = fixed.get(t.table, 0)
     run = comparing.Run(tables, done, None, started, time.monotonic() - t0)

@@ -28,7 +28,7 @@ from datasync.api import GROUP, VERSION, ConsistencyCheck, SyncPolicy, SyncTable
 from datasync.api.conditions import COMPLETE, CONSISTENT, READY
 from datasync.controllers import statuses
 from datasync.engine import pgoutput, pinning
-from datasync.validation import comparing, rules, running
+from datasync.validation import comparing, references, rules, running
 from datasync.working import metrics
 
 log = logging.getLogger(__name__)
@@ -128,21 +128,29 @@ class Checks:
     def _patch(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
         statuses.patch(self.client, PLURAL, self.namespace, obj["metadata"]["name"], status)
 
+    def _source_of(self, name: str) -> identifiers.TableName:
+        """The source table of SyncTable ``name``, which must be Ready in this policy."""
+        obj = self.client.get(kube.path(f"{GROUP}/{VERSION}", "synctables", self.namespace, name))
+        if obj is None:
+            raise NotReady(f"SyncTable {name} does not exist")
+        spec = obj.get("spec") or {}
+        if (spec.get("policyRef") or {}).get("name") != self.policy:
+            raise NotReady(f"SyncTable {name} belongs to another policy, not {self.policy}")
+        if not statuses.is_true(obj.get("status"), READY):
+            raise NotReady(f"SyncTable {name} is not Ready yet")
+        source = SyncTable.model_validate(obj).spec.source
+        return identifiers.TableName(source.schema_name, source.table)
+
     def _tables(self, check: ConsistencyCheck) -> dict[str, identifiers.TableName]:
         """SyncTable name → source table, each Ready in this policy."""
-        out = {}
-        for name in check.spec.tables:
-            obj = self.client.get(kube.path(f"{GROUP}/{VERSION}", "synctables", self.namespace, name))
-            if obj is None:
-                raise NotReady(f"SyncTable {name} does not exist")
-            spec = obj.get("spec") or {}
-            if (spec.get("policyRef") or {}).get("name") != self.policy:
-                raise NotReady(f"SyncTable {name} belongs to another policy, not {self.policy}")
-            if not statuses.is_true(obj.get("status"), READY):
-                raise NotReady(f"SyncTable {name} is not Ready yet")
-            source = SyncTable.model_validate(obj).spec.source
-            out[name] = identifiers.TableName(source.schema_name, source.table)
-        return out
+        return {name: self._source_of(name) for name in check.spec.tables}
+
+    def _foreign_keys(self, check: ConsistencyCheck) -> list[references.ForeignKey]:
+        return [
+            references.ForeignKey(k.name, self._source_of(k.table), tuple(k.columns),
+                                  self._source_of(k.references.table), tuple(k.references.columns))
+            for k in check.spec.foreign_keys or []
+        ]
 
     def _run(self, obj: dict[str, Any], policy: SyncPolicy, threshold: float) -> None:
         name = obj["metadata"]["name"]
@@ -156,6 +164,7 @@ class Checks:
                 list(tables.values()), list(check.spec.checks),
                 [rules.Rule(r.name, r.sql, r.compare_with_source, r.description) for r in check.spec.rules or []],
                 check.spec.repair,
+                self._foreign_keys(check),
             )
             self._patch(obj, {
                 "phase": "Running",
