@@ -7,11 +7,13 @@ with its hint, exit status non-zero.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 import click
 from rich.console import Console
@@ -50,12 +52,16 @@ def main(log_level: str) -> None:
 @click.option("--memory-limit", default="256MB", show_default=True,
               help="DuckDB buffer memory; the process needs about this plus ~600 MB.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--api-address", metavar="HOST:PORT",
+              help="With --follow: serve consistency checks (datasync check --writer) and /metrics here.")
 def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, slot: str | None,
          publication: str | None, snapshot_workers: int, batch_size: int, max_batch_seconds: float,
-         memory_limit: str, quiet: bool) -> None:
+         memory_limit: str, quiet: bool, api_address: str | None) -> None:
     """Copy tables into TARGET and apply their changes (--once or --follow)."""
     if mode is None:
         raise click.UsageError("choose --once or --follow")
+    if api_address and mode != "follow":
+        raise click.UsageError("--api-address needs --follow")
     opts = syncing.Options(
         source=source, target=target, tables=list(tables), follow=mode == "follow", slot=slot,
         publication=publication, snapshot_workers=snapshot_workers, batch_changes=batch_size,
@@ -70,6 +76,7 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     console = Console(stderr=True, quiet=quiet)
+    server = _serve_api(opts, api_address) if api_address else None
     try:
         if quiet:
             result = syncing.run(opts, syncing.QuietReporter(), stop)
@@ -79,6 +86,9 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
     except errors.DataSyncError as exc:
         _fail(exc)
         return
+    finally:
+        if server is not None:
+            server.shutdown()
     st = result.stats
     console.print(
         f"synced {len(result.rows)} table(s) into {target}: "
@@ -89,9 +99,24 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
     )
 
 
+def _serve_api(opts: syncing.Options, address: str) -> Any:
+    from datasync import serving
+    from datasync.engine import pinning
+    from datasync.working import metrics
+
+    opts.pins = pinning.Pins()
+    gauges = metrics.Metrics("", opts.slot or "")
+    api = serving.Api(opts.source, opts.pins, gauges.exposition, lambda run: gauges.observe("api", run, {}))
+    try:
+        return serving.serve(api, address)
+    except OSError as exc:
+        raise click.UsageError(f"cannot serve the API on {address}: {exc}") from None
+
+
 @main.command()
-@click.option("--source", envvar="DATASYNC_SOURCE_DSN", required=True, help="PostgreSQL DSN (or env DATASYNC_SOURCE_DSN).")
-@click.option("--target", required=True, help="DuckDB file written by `datasync sync` (no other process may hold it).")
+@click.option("--source", envvar="DATASYNC_SOURCE_DSN", help="PostgreSQL DSN (or env DATASYNC_SOURCE_DSN).")
+@click.option("--target", help="DuckDB file written by `datasync sync` (no other process may hold it).")
+@click.option("--writer", metavar="URL", help="Instead of --target: a running `sync --follow --api-address` to ask.")
 @click.option("--table", "tables", multiple=True, help="SCHEMA.TABLE to check (default: every synced table). Repeatable.")
 @click.option("--checks", default="row_count,data_hash", show_default=True,
               help="Comma-separated: row_count, data_hash, business_rules, referential_integrity.")
@@ -105,51 +130,91 @@ def sync(source: str, target: str, tables: tuple[str, ...], mode: str | None, sl
 @click.option("--repair", is_flag=True, help="Re-copy only the mismatching rows from the source, then re-check.")
 @click.option("--slot", help="The target's replication slot (default: derived from the target path, as sync does).")
 @click.option("--publication", help="Its publication (default: the slot name).")
-def check(source: str, target: str, tables: tuple[str, ...], checks: str, rule_texts: tuple[str, ...],
-          fk_texts: tuple[str, ...], as_json: bool, repair: bool, slot: str | None, publication: str | None) -> None:
+def check(source: str | None, target: str | None, writer: str | None, tables: tuple[str, ...], checks: str,
+          rule_texts: tuple[str, ...], fk_texts: tuple[str, ...], as_json: bool, repair: bool, slot: str | None,
+          publication: str | None) -> None:
     """Compare the DuckDB copy with PostgreSQL at one LSN; exit 1 when they differ.
 
-    The copy is first brought to the source's position through its own slot (as `sync --once`
-    would), then both sides are compared at exactly the same LSN.
+    With --target, the copy is first brought to the source's position through its own slot (as
+    `sync --once` would), then both sides are compared at exactly the same LSN. With --writer,
+    the running `sync --follow --api-address` that holds the file runs the check itself.
     """
     import json
-
-    from rich.table import Table
 
     from datasync import identifiers
     from datasync.validation import references, rules, running
 
+    if (target is None) == (writer is None):
+        raise click.UsageError("give --target (a file no process holds) or --writer (the URL of a running sync's API)")
+    if target is not None and not source:
+        raise click.UsageError("--source (or env DATASYNC_SOURCE_DSN) is required with --target")
+    check_types = [c.strip() for c in checks.split(",") if c.strip()]
     try:
-        request = running.Request(
-            [identifiers.TableName.parse(t) for t in tables],
-            [c.strip() for c in checks.split(",") if c.strip()],
-            [rules.parse(t) for t in rule_texts],
-            repair,
-            [references.parse(t) for t in fk_texts],
-        )
-        run = running.check_file(source, target, request, slot=slot, publication=publication)
+        if writer is not None:
+            report = _check_through(writer, {
+                "tables": list(tables), "check_types": check_types, "repair": repair, "foreign_keys": list(fk_texts),
+                "rules": [dataclasses.asdict(rules.parse(t)) for t in rule_texts],
+            })
+        else:
+            request = running.Request(
+                [identifiers.TableName.parse(t) for t in tables], check_types, [rules.parse(t) for t in rule_texts],
+                repair, [references.parse(t) for t in fk_texts],
+            )
+            assert source is not None
+            report = running.check_file(source, target or "", request, slot=slot, publication=publication).as_json()
     except errors.DataSyncError as exc:
         _fail(exc)
         return
     if as_json:
-        click.echo(json.dumps(run.as_json(), indent=2, default=str))
+        click.echo(json.dumps(report, indent=2, default=str))
     else:
-        console = Console(width=None if sys.stdout.isatty() else 140)
-        where = f"at LSN {run.as_json()['lsn']}" if run.lsn is not None else "copy as it stands"
-        out = Table(title=f"consistency score {run.score:g} ({where}, {run.duration:.1f}s)")
-        for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "orphans",
-                    "repaired", "sample keys"):
-            out.add_column(col)
-        for r in run.tables:
-            out.add_row(r.table, "✓" if r.ok else "✗", f"{r.rows_source:,}", f"{r.rows_target:,}", str(r.missing),
-                        str(r.extra), str(r.differing), str(r.orphans), str(r.repaired),
-                        ", ".join(map(str, r.mismatched_keys[:5])))
-        console.print(out)
-        for rr in run.rules:
-            console.print(f"rule {rr.name}: {'✓' if rr.ok else '✗'} {rr.message}", highlight=False)
-        if run.note:
-            console.print(f"note: {run.note}", highlight=False)
-    sys.exit(0 if run.ok else 1)
+        _print_report(report)
+    sys.exit(0 if report["ok"] else 1)
+
+
+def _check_through(writer: str, body: dict[str, object]) -> dict[str, Any]:
+    """POST the check to a writer's API; its report."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from datasync import serving
+
+    url = writer.rstrip("/") + serving.CHECK_PATH
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())
+        except ValueError:
+            detail = {"error": exc.reason}
+        raise errors.DataSyncError(f"the writer refused the check ({exc.code}): {detail.get('error')}",
+                                   detail.get("hint") or "") from None
+    except OSError as exc:
+        raise errors.DataSyncError(f"cannot reach the writer at {writer}: {exc}",
+                                   "start it with `datasync sync --follow --api-address HOST:PORT`") from None
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    where = f"at LSN {report['lsn']}" if report["aligned"] else "copy as it stands"
+    out = Table(title=f"consistency score {report['consistency_score']:g} ({where}, {report['duration_seconds']:.1f}s)")
+    for col in ("table", "ok", "source rows", "target rows", "missing", "extra", "differing", "orphans",
+                "repaired", "sample keys"):
+        out.add_column(col)
+    for t in report["tables"]:
+        out.add_row(t["table"], "✓" if t["ok"] else "✗", f"{t['rows_source']:,}", f"{t['rows_target']:,}",
+                    str(t["missing"]), str(t["extra"]), str(t["differing"]), str(t["orphans"]), str(t["repaired"]),
+                    ", ".join(map(str, t["mismatched_keys"][:5])))
+    console.print(out)
+    for r in report.get("rules", []):
+        console.print(f"rule {r['name']}: {'✓' if r['ok'] else '✗'} {r['message']}", highlight=False)
+    if report.get("note"):
+        console.print(f"note: {report['note']}", highlight=False)
 
 
 @main.command()
