@@ -109,3 +109,27 @@ def test_no_target_file_created_on_source_error(pg: helpers.Source, duck_path: s
     code, _ = _sync(pg.dsn, duck_path, "missing_table")
     assert code == 2
     assert not os.path.exists(duck_path)
+
+
+def test_values_beyond_duckdb_range_stop_with_a_clear_error(pg: helpers.Source, duck_path: str) -> None:
+    """PostgreSQL timestamps reach 294276 AD, DuckDB's 294247 AD: never wrap silently, say so."""
+    import duckdb
+
+    pg.execute("CREATE TABLE far (id int PRIMARY KEY, ts timestamptz);"
+               "INSERT INTO far VALUES (1, '2024-01-01+00'), (2, '294270-01-01 00:00:00+00')")
+    code, err = _sync(pg.dsn, duck_path, "far")
+    assert code != 0 and "public.far: a value does not fit its DuckDB type" in err and "294247-01-10" in err, err
+    assert "Traceback" not in err
+    with duckdb.connect(duck_path, read_only=True) as con:  # the partial snapshot was never swapped in
+        assert con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'far'").fetchone() == (0,)
+
+    # through CDC: the copy stays as it was, the stream stops before the transaction
+    pg.execute("CREATE TABLE near (id int PRIMARY KEY, ts timestamptz); INSERT INTO near VALUES (1, '2024-01-01+00')")
+    target = duck_path.replace(".duckdb", "-near.duckdb")
+    assert _sync(pg.dsn, target, "near")[0] == 0
+    pg.execute("INSERT INTO near VALUES (2, '294270-01-01 00:00:00+00')")
+    code, err = _sync(pg.dsn, target, "near")
+    assert code != 0 and "public.near: a changed value does not fit its DuckDB type" in err and "Traceback" not in err
+    with duckdb.connect(target, read_only=True) as con:
+        assert con.execute("SELECT id, ts FROM public.near").fetchall()[0][0] == 1
+        assert con.execute("SELECT count(*) FROM public.near").fetchone() == (1,)

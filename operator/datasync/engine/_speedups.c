@@ -246,6 +246,9 @@ static PyObject *decode_copy_binary(PyObject *self, PyObject *args) {
             case 't': case 'T': {
                 int64_t v = valid ? (int64_t)rd64(p) : 0;
                 if (valid && (v == INT64_MAX || v == INT64_MIN)) { PyErr_SetString(NEEDS_TEXT, "infinite timestamp"); goto out; }
+                /* DuckDB counts from 1970 and ends 30 years before PostgreSQL: never wrap, let the
+                   text path report the value DuckDB cannot hold */
+                if (valid && v > INT64_MAX - 1 - PG_EPOCH_US) { PyErr_SetString(NEEDS_TEXT, "timestamp beyond DuckDB"); goto out; }
                 v += valid ? PG_EPOCH_US : 0;
                 if (buf_put(&c->data, &v, 8) < 0) goto out;
                 break;

@@ -23,10 +23,11 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import duckdb
 import psycopg
 import pyarrow as pa
 
-from datasync import identifiers
+from datasync import errors, identifiers
 from datasync.engine import pgoutput
 from datasync.identifiers import quote
 from datasync.sources import catalog, typemaps
@@ -205,6 +206,13 @@ class TableApplier:
             else:
                 sel = ", ".join(_mapping(c).cast(f"v{i}") for i, c in enumerate(cols))
                 self.con.execute(f"INSERT INTO {t} ({names}) SELECT {sel} FROM _ds_stage WHERE NOT del")
+        except duckdb.ConversionException as exc:
+            # the batch's transaction is rolled back and resent after a fix: nothing is lost
+            raise errors.TargetError(
+                f"{self.state.source}: a changed value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
+                "DuckDB's TIMESTAMP/TIMESTAMPTZ end at 294247-01-10 (PostgreSQL's at 294276); the stream stops before "
+                "this transaction (nothing is lost or skipped) and retries it on every restart",
+            ) from None
         finally:
             self.con.unregister("_ds_stage")
         n = len(entries)

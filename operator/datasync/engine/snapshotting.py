@@ -32,10 +32,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from datasync import identifiers
+from datasync import errors, identifiers
 from datasync.engine import pgoutput
 from datasync.identifiers import quote
 from datasync.sources import catalog, connecting
@@ -259,6 +260,12 @@ def copy_table(
             target.con.register("_datasync_chunk", item)
             try:
                 target.con.execute(inserts[shape])
+            except duckdb.ConversionException as exc:
+                raise errors.TargetError(
+                    f"{table.name}: a value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
+                    "DuckDB's TIMESTAMP/TIMESTAMPTZ end at 294247-01-10 (PostgreSQL's at 294276): fix or exclude "
+                    "the value at the source; the table's partial snapshot is not swapped in, a later run starts it over",
+                ) from None
             finally:
                 target.con.unregister("_datasync_chunk")
             total += item.num_rows

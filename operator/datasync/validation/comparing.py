@@ -369,12 +369,11 @@ def write_rows(duck: duckdb.DuckDBPyConnection, state: duckfile.TableState, keys
     cols = state.columns
     key_cols = sorted((c for c in cols if c.name in state.key), key=lambda c: state.key.index(c.name))
     casts = ", ".join(typemaps.Mapping(c.duck_type, c.pg_base).cast(f"c{i}") for i, c in enumerate(cols))
+    keys_view = f"_ds_repair_keys_{id(keys)}"
+    duck.register(keys_view, pa.table({"k": pa.array([render_key(k) for k in keys], pa.string())}))
     duck.execute("BEGIN TRANSACTION")
     try:
-        duck.execute(
-            f"DELETE FROM {state.target.sql} WHERE {canonical.duck_row(key_cols)} IN (SELECT unnest(?::VARCHAR[]))",
-            [[render_key(k) for k in keys]],
-        )
+        duck.execute(f"DELETE FROM {state.target.sql} WHERE {canonical.duck_row(key_cols)} IN (SELECT k FROM {keys_view})")
         if rows:
             view = f"_ds_repair_{id(rows)}"
             duck.register(view, snapshotting.read_csv(rows, len(cols)))
@@ -386,6 +385,8 @@ def write_rows(duck: duckdb.DuckDBPyConnection, state: duckfile.TableState, keys
     except BaseException:
         duck.execute("ROLLBACK")
         raise
+    finally:
+        duck.unregister(keys_view)
     return len(keys)
 
 
