@@ -128,11 +128,12 @@ def _serve_api(opts: syncing.Options, address: str) -> Any:
                    "public.customers(id)'. Repeatable; implies referential_integrity.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--repair", is_flag=True, help="Re-copy only the mismatching rows from the source, then re-check.")
+@click.option("--timeout", type=click.FloatRange(min=0.001), help="Give up after this many seconds (default: no limit).")
 @click.option("--slot", help="The target's replication slot (default: derived from the target path, as sync does).")
 @click.option("--publication", help="Its publication (default: the slot name).")
 def check(source: str | None, target: str | None, writer: str | None, tables: tuple[str, ...], checks: str,
-          rule_texts: tuple[str, ...], fk_texts: tuple[str, ...], as_json: bool, repair: bool, slot: str | None,
-          publication: str | None) -> None:
+          rule_texts: tuple[str, ...], fk_texts: tuple[str, ...], as_json: bool, repair: bool, timeout: float | None,
+          slot: str | None, publication: str | None) -> None:
     """Compare the DuckDB copy with PostgreSQL at one LSN; exit 1 when they differ.
 
     With --target, the copy is first brought to the source's position through its own slot (as
@@ -153,12 +154,12 @@ def check(source: str | None, target: str | None, writer: str | None, tables: tu
         if writer is not None:
             report = _check_through(writer, {
                 "tables": list(tables), "check_types": check_types, "repair": repair, "foreign_keys": list(fk_texts),
-                "rules": [dataclasses.asdict(rules.parse(t)) for t in rule_texts],
+                "rules": [dataclasses.asdict(rules.parse(t)) for t in rule_texts], "timeout_seconds": timeout,
             })
         else:
             request = running.Request(
                 [identifiers.TableName.parse(t) for t in tables], check_types, [rules.parse(t) for t in rule_texts],
-                repair, [references.parse(t) for t in fk_texts],
+                repair, [references.parse(t) for t in fk_texts], timeout,
             )
             assert source is not None
             report = running.check_file(source, target or "", request, slot=slot, publication=publication).as_json()

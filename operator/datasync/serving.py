@@ -6,7 +6,7 @@ sync process serves the check itself, aligned at one LSN by its own stream:
 
 * ``POST /api/v1/data-sync/consistency/check`` — body ``{"tables": [...], "check_types":
   [...], "rules": [{"name", "sql", "compare_with_source"}], "foreign_keys": ["child(c) ->
-  parent(c)"], "repair": false}`` (all optional); answers the report ``datasync check --json``
+  parent(c)"], "repair": false, "timeout_seconds": 60}`` (all optional); answers the report ``datasync check --json``
   prints (``datasync check --writer URL`` is the client);
 * ``GET /api/v1/data-sync/consistency/status`` — the latest report (404 before the first);
 * ``GET /metrics`` — Prometheus text; ``GET /healthz`` — 200 while the server runs.
@@ -46,7 +46,7 @@ class Api:
     def request(self, body: dict[str, Any]) -> running.Request:
         if not isinstance(body, dict):
             raise errors.DataSyncError("the request body must be a JSON object", "send {\"tables\": [...], ...}")
-        unknown = set(body) - {"tables", "check_types", "rules", "foreign_keys", "repair"}
+        unknown = set(body) - {"tables", "check_types", "rules", "foreign_keys", "repair", "timeout_seconds"}
         if unknown:
             raise errors.DataSyncError(f"unknown field(s) {', '.join(sorted(unknown))}",
                                        "use tables, check_types, rules, foreign_keys, repair")
@@ -60,6 +60,7 @@ class Api:
             rule_list,
             bool(body.get("repair", False)),
             [references.parse(str(k)) for k in body.get("foreign_keys") or []],
+            float(body["timeout_seconds"]) if body.get("timeout_seconds") else None,
         )
 
     def check(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

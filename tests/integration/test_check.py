@@ -221,3 +221,14 @@ def test_declared_foreign_keys_are_checked_too(pg: helpers.Source, duck_path: st
     assert b["foreign_keys"][0]["sample_keys"] == ["11"]  # 12 is exempt: its reference is NULL
     bad = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--foreign-key", "public.b(a_ref) -> public.zz(id)")
     assert bad.returncode != 0 and "public.zz, not synced" in bad.stderr
+
+
+def test_a_check_that_runs_too_long_is_stopped(pg: helpers.Source, duck_path: str) -> None:
+    pg.execute("CREATE TABLE big (id bigint PRIMARY KEY, t text);"
+               "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g")
+    helpers.sync_once(pg, duck_path, "big")
+    res = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--timeout", "0.05")
+    assert res.returncode != 0 and "the check did not finish within 0.05s" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    ok = helpers.cli("check", "--source", pg.dsn, "--target", duck_path, "--timeout", "120", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["consistency_score"] == 100.0

@@ -144,6 +144,7 @@ class ChangeStream:
                         self._txn_index = 0
                         skip_upto = self._partial_changes if final_lsn == self._partial_final else 0
                         if pins is not None and not skip_txn:
+                            pins.wait_if_held()
                             wanted = pins.wanted()
                             if wanted is not None and wanted <= final_lsn:
                                 # a pin lies before this transaction: the target must be exactly there

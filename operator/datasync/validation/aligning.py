@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -51,10 +52,18 @@ class Aligned:
 
 
 @contextlib.contextmanager
-def source_snapshot(dsn: str) -> Iterator[tuple[psycopg.Connection[Any], int]]:
-    """A reader inside a fresh exported snapshot and the snapshot's consistent LSN."""
+def source_snapshot(
+    dsn: str, on_lsn: Callable[[int], None] | None = None
+) -> Iterator[tuple[psycopg.Connection[Any], int]]:
+    """A reader inside a fresh exported snapshot and the snapshot's consistent LSN.
+
+    ``on_lsn`` is called with the LSN the moment the slot exists, before the (slower)
+    reader connection is made: that is when a pin for it must be posted.
+    """
     name = f"datasync_check_{os.getpid()}_{next(_counter)}"
     with replication.exported_snapshot(dsn, name) as snap:
+        if on_lsn is not None:
+            on_lsn(snap.consistent_lsn)
         pg = connecting.connect(dsn, autocommit=False)
         try:
             pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -67,6 +76,35 @@ def source_snapshot(dsn: str) -> Iterator[tuple[psycopg.Connection[Any], int]]:
         yield pg, snap.consistent_lsn
     finally:
         pg.close()
+
+
+def pinned_snapshot(dsn: str, pins: pinning.Pins, fn: pinning.PinFunction) -> tuple[
+        contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], int]], pinning.Pin]:
+    """A source snapshot and a pin for ``fn`` at its LSN, the writer held while the slot is made."""
+    posted: list[pinning.Pin] = []
+    snapshot = source_snapshot(dsn, lambda lsn: posted.append(pins.post(lsn, fn)))
+    try:
+        with pins.holding():
+            entered = _Entered(snapshot)
+    except BaseException:
+        for pin in posted:
+            pins.cancel(pin)
+        raise
+    return entered, posted[0]
+
+
+class _Entered(contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], int]]):
+    """A context manager entered already (so the hold covers only its entry)."""
+
+    def __init__(self, cm: contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], int]]) -> None:
+        self._cm = cm
+        self.value = cm.__enter__()
+
+    def __enter__(self) -> tuple[psycopg.Connection[Any], int]:
+        return self.value
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._cm.__exit__(*exc)
 
 
 def _open_reader(target: duckfile.DuckTarget) -> duckdb.DuckDBPyConnection:
@@ -91,16 +129,18 @@ def retrying(pins: pinning.Pins, attempt: Callable[[], T]) -> T:
 
 
 @contextlib.contextmanager
-def aligned(dsn: str, pins: pinning.Pins) -> Iterator[Aligned]:
-    """Both sides at one LSN (see the module docstring)."""
+def aligned(dsn: str, pins: pinning.Pins, timeout: float = 600.0) -> Iterator[Aligned]:
+    """Both sides at one LSN (see the module docstring); ``timeout`` bounds the wait for the writer."""
     stack = contextlib.ExitStack()
 
     def attempt() -> Aligned:
         inner = contextlib.ExitStack()
-        pg, lsn = inner.enter_context(source_snapshot(dsn))
+        snapshot, pin = pinned_snapshot(dsn, pins, _open_reader)
+        pg, lsn = inner.enter_context(snapshot)
         try:
-            duck = pins.request(lsn, _open_reader)
+            duck = pins.wait(pin, timeout)
         except BaseException:
+            pins.cancel(pin)
             inner.close()
             raise
         inner.callback(duck.close)
@@ -112,12 +152,28 @@ def aligned(dsn: str, pins: pinning.Pins) -> Iterator[Aligned]:
 
 
 def write_pinned(dsn: str, pins: pinning.Pins, read: Callable[[psycopg.Connection[Any]], T],
-                 write: Callable[[duckfile.DuckTarget, T], Any]) -> Any:
-    """``read`` from a fresh source snapshot, then ``write`` it in the writer pinned at that snapshot."""
+                 write: Callable[[duckfile.DuckTarget, T], Any], read_timeout: float = 300.0) -> Any:
+    """``read`` from a fresh source snapshot, then ``write`` it in the writer pinned at that snapshot.
+
+    The pin is posted as soon as the snapshot exists; if the writer gets there before the
+    read is done, it waits for the data (repairs read a few keys: milliseconds).
+    """
 
     def attempt() -> Any:
-        with source_snapshot(dsn) as (pg, lsn):
-            data = read(pg)
-        return pins.request(lsn, lambda target: write(target, data))
+        box: list[T] = []
+        ready = threading.Event()
+
+        def pinned(target: duckfile.DuckTarget) -> Any:
+            if not ready.wait(read_timeout) or not box:
+                raise errors.DataSyncError("the rows to write were not read in time", "try again")
+            return write(target, box[0])
+
+        snapshot, pin = pinned_snapshot(dsn, pins, pinned)
+        try:
+            with snapshot as (pg, _lsn):
+                box.append(read(pg))
+        finally:
+            ready.set()  # never leave the writer waiting, even when the read failed
+        return pins.wait(pin)
 
     return retrying(pins, attempt)

@@ -213,14 +213,19 @@ def check_all(
 
 
 def _tune(pg: psycopg.Connection[Any]) -> None:
-    """Per transaction: a parallel hash aggregate, hashes computed in the workers.
+    """Per transaction: a parallel hash aggregate, hashes computed in the worker.
 
     PostgreSQL cannot estimate how many buckets ``key % n`` makes, assumes one per row and
     sorts every row (row hash computed after the sort, in the leader alone); with sorting
-    off and room for the bucket table it aggregates in the parallel workers instead (4x).
+    off and room for the bucket table it aggregates in parallel instead (4x).  One parallel
+    worker at most: a check runs on the production primary and should not take its cores
+    (and on small machines the copy's side needs a core of its own anyway).
     """
     if pg.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        pg.execute("SELECT set_config('enable_sort', 'off', true), set_config('work_mem', '64MB', true)")
+        pg.execute(
+            "SELECT set_config('enable_sort', 'off', true), set_config('work_mem', '64MB', true), "
+            "set_config('max_parallel_workers_per_gather', '1', true)"
+        )
 
 
 def _data_hash(

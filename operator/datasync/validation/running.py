@@ -17,11 +17,13 @@ then the whole check runs again and the report shows what was repaired.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
@@ -35,6 +37,8 @@ from datasync.validation import aligning, comparing, references, rules
 
 log = logging.getLogger(__name__)
 
+MEMORY_LIMIT = "256MB"  # DuckDB's buffer pool while checking a file (the scan streams; caching it all buys nothing)
+
 
 @dataclasses.dataclass
 class Request:
@@ -43,6 +47,7 @@ class Request:
     rules: list[rules.Rule] = dataclasses.field(default_factory=list)
     repair: bool = False
     foreign_keys: list[references.ForeignKey] = dataclasses.field(default_factory=list)  # besides the catalog's
+    timeout: float | None = None  # seconds the whole run may take (None: no limit)
 
     def validate(self) -> None:
         unknown = [c for c in self.checks if c not in comparing.CHECKS]
@@ -73,11 +78,68 @@ def _names(request: Request, states: dict[identifiers.TableName, duckfile.TableS
     return names
 
 
+class _Deadline:
+    """Cancels both sides' queries when the run's time is up (PostgreSQL cancel, DuckDB interrupt)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.at = None if timeout is None else time.monotonic() + timeout
+        self.expired = threading.Event()
+
+    def remaining(self) -> float:
+        if self.at is None:
+            return 600.0
+        left = self.at - time.monotonic()
+        if left <= 0:
+            self.expire()
+        return max(left, 0.001)
+
+    def expire(self) -> None:
+        self.expired.set()
+        raise errors.DataSyncError(
+            f"the check did not finish within {self.timeout:g}s", "raise the timeout, or check fewer tables at a time"
+        )
+
+    @contextlib.contextmanager
+    def guarding(self, a: aligning.Aligned) -> Iterator[None]:
+        timer = None
+        if self.at is not None:
+            def cancel() -> None:
+                self.expired.set()
+                a.duck.interrupt()
+                a.pg.cancel_safe()
+
+            timer = threading.Timer(self.remaining(), cancel)
+            timer.daemon = True
+            timer.start()
+        try:
+            yield
+        except (duckdb.Error, psycopg.Error, OSError):  # OSError: pyarrow's reader reports DuckDB's interrupt
+            if self.expired.is_set():
+                self.expire()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
 def _check_aligned(
-    dsn: str, pins: pinning.Pins, request: Request
+    dsn: str, pins: pinning.Pins, request: Request, deadline: _Deadline | None = None
 ) -> tuple[comparing.Run, dict[identifiers.TableName, duckfile.TableState]]:
     started = dt.datetime.now(dt.UTC)
-    with aligning.aligned(dsn, pins) as a:
+    deadline = deadline or _Deadline(None)
+    try:
+        return _compare_aligned(dsn, pins, request, deadline, started)
+    except errors.DataSyncError:
+        if deadline.at is not None and time.monotonic() >= deadline.at:
+            deadline.expire()  # e.g. the wait for the writer ran out: say it the same way
+        raise
+
+
+def _compare_aligned(
+    dsn: str, pins: pinning.Pins, request: Request, deadline: _Deadline, started: dt.datetime
+) -> tuple[comparing.Run, dict[identifiers.TableName, duckfile.TableState]]:
+    with aligning.aligned(dsn, pins, deadline.remaining()) as a, deadline.guarding(a):
         states = duckfile.DuckTarget.read_states(a.duck)  # the table set as of the pinned position
         names = _names(request, states)
         missing = sorted({str(t) for k in request.foreign_keys for t in (k.child, k.parent) if t not in states})
@@ -125,12 +187,13 @@ def run_aligned(dsn: str, pins: pinning.Pins, request: Request) -> comparing.Run
     """The whole check (and repair) against a streaming writer serving ``pins``."""
     request.validate()
     t0 = time.monotonic()
-    run, states = _check_aligned(dsn, pins, request)
+    deadline = _Deadline(request.timeout)
+    run, states = _check_aligned(dsn, pins, request, deadline)
     if request.repair and not run.ok:
         repaired = _repair(dsn, pins, run, states)
         if repaired:
             first = run
-            run, _ = _check_aligned(dsn, pins, request)
+            run, _ = _check_aligned(dsn, pins, request, deadline)
             run.started = first.started
             for t in run.tables:
                 t.repaired = repaired.get(t.table, 0)
@@ -168,7 +231,7 @@ def check_file(
     _open_target(path)
     slot = slot or replication.derive_name(path)
     publication = publication or slot
-    target = duckfile.DuckTarget(path)
+    target = duckfile.DuckTarget(path, memory_limit=MEMORY_LIMIT)
     try:
         with connecting.connect(source) as control:
             if replication.slot_info(control, slot) is None:

@@ -165,6 +165,7 @@ class Checks:
                 [rules.Rule(r.name, r.sql, r.compare_with_source, r.description) for r in check.spec.rules or []],
                 check.spec.repair,
                 self._foreign_keys(check),
+                timeout=float(check.spec.timeout_seconds),
             )
             self._patch(obj, {
                 "phase": "Running",
