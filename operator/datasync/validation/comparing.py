@@ -239,18 +239,24 @@ def _data_hash(
     pg_bucket = plan.pg_bucket(nb)
     row_hash = plan.pg_row_hash()
     _tune(pg)
+    # First the whole table on the source (no grouping: cheaper) while the copy is summed per
+    # bucket; only when the totals differ does the source sum per bucket too.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pg_future = pool.submit(
-            lambda: pg.execute(
-                f"SELECT b, count(*), sum(h) FROM (SELECT {pg_bucket} AS b, {row_hash} AS h FROM {src}) s GROUP BY b"
-            ).fetchall()
-        )
+        total_future = pool.submit(lambda: pg.execute(f"SELECT count(*), sum({row_hash}) FROM {src}").fetchone())
         duck_sums = plan.duck_buckets(duck, tgt, nb)
-        pg_sums = {int(b): (int(n), hashing.unsigned(h)) for b, n, h in pg_future.result()}
-    report.rows_source = sum(n for n, _ in pg_sums.values())
-    bad = sorted(b for b in set(pg_sums) | set(duck_sums) if pg_sums.get(b) != duck_sums.get(b))
-    if not bad:
+        total = total_future.result()
+    pg_total = (int(total[0]), hashing.unsigned(total[1] or 0)) if total else (0, 0)
+    duck_total = (sum(n for n, _ in duck_sums.values()), hashing.unsigned(sum(h for _, h in duck_sums.values())))
+    report.rows_source = pg_total[0]
+    if pg_total == duck_total:
         return True
+    pg_sums = {
+        int(b): (int(n), hashing.unsigned(h))
+        for b, n, h in pg.execute(
+            f"SELECT b, count(*), sum(h) FROM (SELECT {pg_bucket} AS b, {row_hash} AS h FROM {src}) s GROUP BY b"
+        ).fetchall()
+    }
+    bad = sorted(b for b in set(pg_sums) | set(duck_sums) if pg_sums.get(b) != duck_sums.get(b))
     keys = sorted((c for c in state.columns if c.name in state.key), key=lambda c: state.key.index(c.name))
     pg_keys = ", ".join(canonical.pg_value(k) for k in keys)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
