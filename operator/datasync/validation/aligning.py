@@ -49,6 +49,9 @@ class Aligned:
     pg: psycopg.Connection[Any]  # a REPEATABLE READ, READ ONLY transaction at the snapshot
     duck: duckdb.DuckDBPyConnection  # a DuckDB read transaction at the same position
     lsn: int
+    #: more read transactions at exactly the same position (opened together in the pinned writer,
+    #: before it writes again): DuckDB converts to Arrow on one thread per transaction
+    extra: list[duckdb.DuckDBPyConnection] = dataclasses.field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -107,12 +110,24 @@ class _Entered(contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], 
         return self._cm.__exit__(*exc)
 
 
-def _open_reader(target: duckfile.DuckTarget) -> duckdb.DuckDBPyConnection:
-    cur = target.con.cursor()
-    cur.execute("SET enable_progress_bar = false")
-    cur.execute("BEGIN TRANSACTION")
-    cur.execute(f"SELECT count(*) FROM {duckfile.META}.checkpoint").fetchall()  # the snapshot is taken here
-    return cur
+READERS = 2
+
+
+class _Readers(list[duckdb.DuckDBPyConnection]):
+    def close(self) -> None:
+        for cur in self:
+            cur.close()
+
+
+def _open_readers(target: duckfile.DuckTarget) -> _Readers:
+    readers = _Readers()
+    for _ in range(READERS):  # all opened here, in the pinned writer: every one sees the same state
+        cur = target.con.cursor()
+        cur.execute("SET enable_progress_bar = false")
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute(f"SELECT count(*) FROM {duckfile.META}.checkpoint").fetchall()  # the snapshot is taken here
+        readers.append(cur)
+    return readers
 
 
 def retrying(pins: pinning.Pins, attempt: Callable[[], T]) -> T:
@@ -135,17 +150,17 @@ def aligned(dsn: str, pins: pinning.Pins, timeout: float = 600.0) -> Iterator[Al
 
     def attempt() -> Aligned:
         inner = contextlib.ExitStack()
-        snapshot, pin = pinned_snapshot(dsn, pins, _open_reader)
+        snapshot, pin = pinned_snapshot(dsn, pins, _open_readers)
         pg, lsn = inner.enter_context(snapshot)
         try:
-            duck = pins.wait(pin, timeout)
+            readers = pins.wait(pin, timeout)
         except BaseException:
             pins.cancel(pin)
             inner.close()
             raise
-        inner.callback(duck.close)
+        inner.callback(readers.close)
         stack.push(inner)
-        return Aligned(pg, duck, lsn)
+        return Aligned(pg, readers[0], lsn, list(readers[1:]))
 
     with stack:
         yield retrying(pins, attempt)

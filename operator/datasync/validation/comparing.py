@@ -150,6 +150,7 @@ def compare_table(
     checks: list[str],
     states: dict[identifiers.TableName, duckfile.TableState] | None = None,
     declared: list[references.ForeignKey] | None = None,
+    extra: list[duckdb.DuckDBPyConnection] | None = None,
 ) -> TableReport:
     """``row_count``, ``data_hash`` and ``referential_integrity`` of one table (both sides as given)."""
     report = TableReport(str(state.source))
@@ -157,7 +158,7 @@ def compare_table(
     drow = duck.execute(f"SELECT count(*) FROM {tgt}").fetchone()
     report.rows_target = int(drow[0]) if drow else 0
     if "data_hash" in checks:  # counts the source rows on the way
-        report.checks["data_hash"] = _data_hash(pg, duck, state, report)
+        report.checks["data_hash"] = _data_hash(pg, duck, state, report, extra or [])
     else:
         row = pg.execute(f"SELECT count(*) FROM {src}").fetchone()
         report.rows_source = int(row[0]) if row else 0
@@ -205,9 +206,13 @@ def check_all(
     checks: list[str],
     rule_list: list[rules.Rule],
     declared: list[references.ForeignKey] | None = None,
+    extra: list[duckdb.DuckDBPyConnection] | None = None,
 ) -> tuple[list[TableReport], list[rules.RuleReport]]:
-    """Every check on ``names`` and every rule, on the two connections as they stand."""
-    tables = [compare_table(pg, duck, states[n], checks, states, declared) for n in names]
+    """Every check on ``names`` and every rule, on the two connections as they stand.
+
+    ``extra``: more DuckDB read transactions at exactly ``duck``'s position, to scan in parallel.
+    """
+    tables = [compare_table(pg, duck, states[n], checks, states, declared, extra) for n in names]
     done = [rules.evaluate(r, duck, pg) for r in rule_list] if "business_rules" in checks else []
     return tables, done
 
@@ -229,7 +234,8 @@ def _tune(pg: psycopg.Connection[Any]) -> None:
 
 
 def _data_hash(
-    pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: duckfile.TableState, report: TableReport
+    pg: psycopg.Connection[Any], duck: duckdb.DuckDBPyConnection, state: duckfile.TableState, report: TableReport,
+    extra: list[duckdb.DuckDBPyConnection] | None = None,
 ) -> bool:
     if not hashing.AVAILABLE:
         return _data_hash_text(pg, duck, state, report)
@@ -243,7 +249,7 @@ def _data_hash(
     # bucket; only when the totals differ does the source sum per bucket too.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         total_future = pool.submit(lambda: pg.execute(f"SELECT count(*), sum({row_hash}) FROM {src}").fetchone())
-        duck_sums = plan.duck_buckets(duck, tgt, nb)
+        duck_sums = plan.duck_buckets(duck, tgt, nb, extra or [])
         total = total_future.result()
     pg_total = (int(total[0]), hashing.unsigned(total[1] or 0)) if total else (0, 0)
     duck_total = (sum(n for n, _ in duck_sums.values()), hashing.unsigned(sum(h for _, h in duck_sums.values())))

@@ -134,8 +134,33 @@ class Plan:
         reader = duck.execute(f"SELECT {self.duck_select(extra)} FROM {table}").to_arrow_reader(BATCH_ROWS)
         yield from reader
 
-    def duck_buckets(self, duck: duckdb.DuckDBPyConnection, table: str, nb: int) -> dict[int, tuple[int, int]]:
-        """bucket → (rows, sum of row hashes mod 2⁶⁴) of the copy."""
+    def duck_buckets(self, duck: duckdb.DuckDBPyConnection, table: str, nb: int,
+                     extra: list[duckdb.DuckDBPyConnection] | None = None) -> dict[int, tuple[int, int]]:
+        """bucket → (rows, sum of row hashes mod 2⁶⁴) of the copy.
+
+        With ``extra`` read transactions (at the same position as ``duck``) the table is split
+        into rowid ranges scanned in parallel: DuckDB converts a result to Arrow on one thread.
+        """
+        readers = [duck, *(extra or [])]
+        where = [""]
+        if len(readers) > 1:
+            row = duck.execute(f"SELECT min(rowid), max(rowid) FROM {table}").fetchone()
+            if row is not None and row[0] is not None:
+                lo, hi = int(row[0]), int(row[1])
+                step = (hi - lo) // len(readers) + 1
+                where = [f" WHERE rowid >= {lo + i * step} AND rowid < {lo + (i + 1) * step}" for i in range(len(readers))]
+        parts = [self._sum_part(readers[i], f"{table}{w}", nb) for i, w in enumerate(where)] if len(where) == 1 else []
+        if len(where) > 1:
+            with concurrent.futures.ThreadPoolExecutor(len(where), thread_name_prefix="scan") as pool:
+                parts = list(pool.map(lambda iw: self._sum_part(readers[iw[0]], f"{table}{iw[1]}", nb), enumerate(where)))
+        out: dict[int, tuple[int, int]] = {}
+        for part in parts:
+            for b, (n, h) in part.items():
+                n0, h0 = out.get(b, (0, 0))
+                out[b] = (n0 + n, (h0 + h) & 0xFFFFFFFFFFFFFFFF)
+        return out
+
+    def _sum_part(self, duck: duckdb.DuckDBPyConnection, source: str, nb: int) -> dict[int, tuple[int, int]]:
         counts, sums = bytearray(8 * nb), bytearray(8 * nb)
         n = len(self.columns)
 
@@ -145,7 +170,7 @@ class Plan:
         # DuckDB converts to Arrow on one thread: hash batch i (GIL released) while it converts i+1
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pghash") as pool:
             pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
-            for batch in self._batches(duck, table):
+            for batch in self._batches(duck, source):
                 pending.append(pool.submit(add, batch))
                 if len(pending) > 2:
                     pending.popleft().result()

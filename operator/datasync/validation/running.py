@@ -106,7 +106,8 @@ class _Deadline:
         if self.at is not None:
             def cancel() -> None:
                 self.expired.set()
-                a.duck.interrupt()
+                for cur in (a.duck, *a.extra):
+                    cur.interrupt()
                 a.pg.cancel_safe()
 
             timer = threading.Timer(self.remaining(), cancel)
@@ -148,7 +149,7 @@ def _compare_aligned(
                 f"declared foreign keys name {', '.join(missing)}, not synced into this target", "sync them or fix the names"
             )
         tables, done = comparing.check_all(
-            a.pg, a.duck, states, names, request.checks, request.rules, request.foreign_keys
+            a.pg, a.duck, states, names, request.checks, request.rules, request.foreign_keys, a.extra
         )
         lsn = a.lsn
     return comparing.Run(tables, done, lsn, started), states
