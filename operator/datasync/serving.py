@@ -39,7 +39,6 @@ class Api:
     def __init__(self, dsn: str, pins: pinning.Pins, metrics: Callable[[], bytes] | None = None,
                  on_run: Callable[[comparing.Run], None] | None = None) -> None:
         self.dsn, self.pins, self.metrics, self.on_run = dsn, pins, metrics, on_run
-        self.last: dict[str, Any] | None = None
         self.last_run: comparing.Run | None = None
         self._busy = threading.Lock()
 
@@ -78,10 +77,10 @@ class Api:
             return 422, _error(exc)
         finally:
             self._busy.release()
-        self.last_run, self.last = run, run.as_json()
+        self.last_run = run
         if self.on_run is not None:
             self.on_run(run)
-        return 200, self.last
+        return 200, run.as_json()
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -109,10 +108,10 @@ def _handler(api: Api) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics" and api.metrics is not None:
                 self._send(200, api.metrics(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == STATUS_PATH:
-                if api.last is None:
+                if api.last_run is None:
                     self._json(404, {"error": "no check has run yet", "hint": f"POST {CHECK_PATH}"})
                 else:
-                    self._json(200, api.last)
+                    self._json(200, api.last_run.as_json())
             else:
                 self._json(404, {"error": f"no such endpoint {path}"})
 

@@ -81,33 +81,23 @@ def source_snapshot(
         pg.close()
 
 
-def pinned_snapshot(dsn: str, pins: pinning.Pins, fn: pinning.PinFunction) -> tuple[
-        contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], int]], pinning.Pin]:
-    """A source snapshot and a pin for ``fn`` at its LSN, the writer held while the slot is made."""
+def pinned_snapshot(
+    dsn: str, pins: pinning.Pins, fn: pinning.PinFunction
+) -> tuple[contextlib.ExitStack, psycopg.Connection[Any], int, pinning.Pin]:
+    """A source snapshot and a pin for ``fn`` at its LSN, the writer held while the slot is made.
+
+    Returns the stack that closes the snapshot's reader, the reader, the LSN and the pin.
+    """
     posted: list[pinning.Pin] = []
-    snapshot = source_snapshot(dsn, lambda lsn: posted.append(pins.post(lsn, fn)))
+    stack = contextlib.ExitStack()
     try:
         with pins.holding():
-            entered = _Entered(snapshot)
+            pg, lsn = stack.enter_context(source_snapshot(dsn, lambda lsn: posted.append(pins.post(lsn, fn))))
     except BaseException:
         for pin in posted:
             pins.cancel(pin)
         raise
-    return entered, posted[0]
-
-
-class _Entered(contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], int]]):
-    """A context manager entered already (so the hold covers only its entry)."""
-
-    def __init__(self, cm: contextlib.AbstractContextManager[tuple[psycopg.Connection[Any], int]]) -> None:
-        self._cm = cm
-        self.value = cm.__enter__()
-
-    def __enter__(self) -> tuple[psycopg.Connection[Any], int]:
-        return self.value
-
-    def __exit__(self, *exc: Any) -> bool | None:
-        return self._cm.__exit__(*exc)
+    return stack, pg, lsn, posted[0]
 
 
 READERS = 2
@@ -149,9 +139,7 @@ def aligned(dsn: str, pins: pinning.Pins, timeout: float = 600.0) -> Iterator[Al
     stack = contextlib.ExitStack()
 
     def attempt() -> Aligned:
-        inner = contextlib.ExitStack()
-        snapshot, pin = pinned_snapshot(dsn, pins, _open_readers)
-        pg, lsn = inner.enter_context(snapshot)
+        inner, pg, lsn, pin = pinned_snapshot(dsn, pins, _open_readers)
         try:
             readers = pins.wait(pin, timeout)
         except BaseException:
@@ -183,9 +171,9 @@ def write_pinned(dsn: str, pins: pinning.Pins, read: Callable[[psycopg.Connectio
                 raise errors.DataSyncError("the rows to write were not read in time", "try again")
             return write(target, box[0])
 
-        snapshot, pin = pinned_snapshot(dsn, pins, pinned)
+        snapshot, pg, _lsn, pin = pinned_snapshot(dsn, pins, pinned)
         try:
-            with snapshot as (pg, _lsn):
+            with snapshot:
                 box.append(read(pg))
         finally:
             ready.set()  # never leave the writer waiting, even when the read failed

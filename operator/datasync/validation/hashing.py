@@ -142,17 +142,15 @@ class Plan:
         into rowid ranges scanned in parallel: DuckDB converts a result to Arrow on one thread.
         """
         readers = [duck, *(extra or [])]
-        where = [""]
-        if len(readers) > 1:
-            row = duck.execute(f"SELECT min(rowid), max(rowid) FROM {table}").fetchone()
-            if row is not None and row[0] is not None:
-                lo, hi = int(row[0]), int(row[1])
-                step = (hi - lo) // len(readers) + 1
-                where = [f" WHERE rowid >= {lo + i * step} AND rowid < {lo + (i + 1) * step}" for i in range(len(readers))]
-        parts = [self._sum_part(readers[i], f"{table}{w}", nb) for i, w in enumerate(where)] if len(where) == 1 else []
-        if len(where) > 1:
-            with concurrent.futures.ThreadPoolExecutor(len(where), thread_name_prefix="scan") as pool:
-                parts = list(pool.map(lambda iw: self._sum_part(readers[iw[0]], f"{table}{iw[1]}", nb), enumerate(where)))
+        row = duck.execute(f"SELECT min(rowid), max(rowid) FROM {table}").fetchone() if len(readers) > 1 else None
+        if row is None or row[0] is None:
+            parts = [self._sum_part(duck, table, nb)]
+        else:
+            lo, hi = int(row[0]), int(row[1])
+            step = (hi - lo) // len(readers) + 1
+            ranges = [f"{table} WHERE rowid >= {lo + i * step} AND rowid < {lo + (i + 1) * step}" for i in range(len(readers))]
+            with concurrent.futures.ThreadPoolExecutor(len(readers), thread_name_prefix="scan") as pool:
+                parts = list(pool.map(lambda cur, source: self._sum_part(cur, source, nb), readers, ranges))
         out: dict[int, tuple[int, int]] = {}
         for part in parts:
             for b, (n, h) in part.items():

@@ -282,12 +282,11 @@ def _check_as_is(source: str, target: duckfile.DuckTarget, request: Request, slo
         )
         pg.rollback()
         if request.repair:
-            for t in tables:
-                if t.mismatches and not t._keys:
-                    t._keys = comparing.compare_table(pg, target.con, states[identifiers.TableName.parse(t.table)],
-                                                      ["data_hash"])._keys
-            fixed = {t.table: comparing.repair(pg, target.con, states[identifiers.TableName.parse(t.table)], t._keys)
-                     for t in tables if t._keys}
+            for name, t in zip(names, tables, strict=True):
+                if t.mismatches and not t._keys:  # only counts were compared: locate the rows first
+                    t._keys = comparing.compare_table(pg, target.con, states[name], ["data_hash"])._keys
+            fixed = {t.table: comparing.repair(pg, target.con, states[name], t._keys)
+                     for name, t in zip(names, tables, strict=True) if t._keys}
             if fixed:
                 tables, done = comparing.check_all(
                     pg, target.con, states, names, request.checks, request.rules, request.foreign_keys
