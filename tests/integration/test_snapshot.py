@@ -162,3 +162,41 @@ def test_infinity_falls_back_to_text(pg: helpers.Source, duck_path: str) -> None
                "INSERT INTO inf VALUES (1, 'infinity', '-infinity'), (2, '2020-01-01', '2020-01-01 00:00:00+00')")
     helpers.sync_once(pg, duck_path, "inf")
     assert helpers.assert_same(pg, duck_path, "public.inf") == 2
+
+
+def test_parallel_loaders_write_whole_row_groups(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
+    """Two loaders insert whole DuckDB row groups; their partial rests land together at the end."""
+    from datasync.engine import snapshotting
+
+    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 64)  # type: ignore[attr-defined]
+    pg.execute("CREATE TABLE wide (id bigint PRIMARY KEY, v text, j jsonb);"
+               "INSERT INTO wide SELECT g, md5(g::text), jsonb_build_object('g', g) FROM generate_series(1, 400000) g")
+    helpers.sync_once(pg, duck_path, "wide")
+    assert helpers.assert_same(pg, duck_path, "public.wide") == 400_000
+    con = duckdb.connect(duck_path, read_only=True)
+    groups = [n for _, n in con.execute(
+        "SELECT row_group_id, max(count) FROM pragma_storage_info('public.wide') GROUP BY ALL ORDER BY 1").fetchall()]
+    con.close()
+    assert sum(groups) == 400_000
+    assert all(n == snapshotting.INSERT_ROWS for n in groups[:-2]), groups  # only the rests are partial, at the end
+
+
+def test_a_failing_copy_names_the_error_and_keeps_the_connection(pg: helpers.Source) -> None:
+    from datasync import errors
+    from datasync.engine import snapshotting
+    from datasync.sources import connecting
+
+    conn = connecting.connect_libpq2(pg.dsn)
+    try:
+        plan = snapshotting.BinaryPlan(b"i", (0,), (snapshotting.pa.int32(),), ("x",), ("c0",))
+        try:
+            snapshotting.read_binary(conn, "COPY (SELECT 1 / (g - 3) FROM generate_series(1, 5) g) TO STDOUT (FORMAT binary)",
+                                     plan)
+            raise AssertionError("no error")
+        except errors.SourceError as exc:
+            assert "division by zero" in str(exc)
+        conn.rollback()
+        rows = snapshotting.read_binary(conn, "COPY (SELECT g FROM generate_series(1, 5) g) TO STDOUT (FORMAT binary)", plan)
+        assert rows.column(0).to_pylist() == [1, 2, 3, 4, 5]
+    finally:
+        conn.close()
