@@ -6,10 +6,12 @@
  * on the same bytes and require identical results.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 #include <dlfcn.h>
+#include <sys/mman.h>
 
 static PyObject *UNCHANGED = NULL;
 static PyObject *DECODE_ERROR = NULL;
@@ -119,16 +121,48 @@ done:
 
 static PyObject *NEEDS_TEXT = NULL;
 
-typedef struct { char *p; Py_ssize_t len, cap; } Buf;
+/* Column buffers of a megabyte or more are mapped pages of their own, grown with
+ * mremap and unmapped when Arrow lets go.  Through malloc they raised glibc's
+ * dynamic mmap threshold and were then carved from per-thread heaps that never
+ * shrink: the process grew by ~40 MB per million rows snapshotted. */
+#if defined(__linux__)
+#define MAP_MIN ((Py_ssize_t)1 << 20)
+#else
+#define MAP_MIN PY_SSIZE_T_MAX  /* no mremap: stay with malloc */
+#endif
+
+typedef struct { char *p; Py_ssize_t len, cap; int mapped; } Buf;
 
 static int buf_reserve(Buf *b, Py_ssize_t extra) {
     if (b->len + extra <= b->cap) return 0;
     Py_ssize_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + extra) cap *= 2;
-    char *np = PyMem_RawRealloc(b->p, cap);
-    if (!np) return -1;
+    char *np;
+    if (cap < MAP_MIN) {
+        np = PyMem_RawRealloc(b->p, cap);
+        if (!np) return -1;
+    }
+#if defined(__linux__)
+    else if (b->mapped) {
+        np = mremap(b->p, b->cap, cap, MREMAP_MAYMOVE);
+        if (np == MAP_FAILED) return -1;
+    } else {
+        np = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (np == MAP_FAILED) return -1;
+        if (b->len) memcpy(np, b->p, b->len);
+        PyMem_RawFree(b->p);
+        b->mapped = 1;
+    }
+#endif
     b->p = np; b->cap = cap;
     return 0;
+}
+static void buf_free(Buf *b) {
+#if defined(__linux__)
+    if (b->mapped) munmap(b->p, b->cap); else
+#endif
+    PyMem_RawFree(b->p);
+    b->p = NULL; b->len = b->cap = 0; b->mapped = 0;
 }
 static int buf_put(Buf *b, const void *src, Py_ssize_t n) {
     if (buf_reserve(b, n) < 0) return -1;
@@ -206,7 +240,7 @@ static int is_var(char k) { return k == 's' || k == 'j' || k == 'x' || k == 'y' 
 static void decoder_free(Decoder *d) {
     if (d->cols)
         for (int i = 0; i < d->ncols; i++) {
-            PyMem_RawFree(d->cols[i].valid.p); PyMem_RawFree(d->cols[i].data.p); PyMem_RawFree(d->cols[i].offsets.p);
+            buf_free(&d->cols[i].valid); buf_free(&d->cols[i].data); buf_free(&d->cols[i].offsets);
         }
     PyMem_RawFree(d->cols);
     PyMem_RawFree(d->scales);
@@ -351,12 +385,12 @@ static Py_ssize_t decode_rows(Decoder *d, const unsigned char *buf, Py_ssize_t l
 
 /* -- handing buffers to Arrow without a copy -------------------------------- */
 
-typedef struct { PyObject_HEAD char *p; Py_ssize_t len; } Owned;
+typedef struct { PyObject_HEAD Buf buf; } Owned;
 
-static void owned_dealloc(Owned *o) { PyMem_RawFree(o->p); Py_TYPE(o)->tp_free((PyObject *)o); }
+static void owned_dealloc(Owned *o) { buf_free(&o->buf); Py_TYPE(o)->tp_free((PyObject *)o); }
 static int owned_getbuffer(Owned *o, Py_buffer *view, int flags) {
     static char empty[1];
-    return PyBuffer_FillInfo(view, (PyObject *)o, o->p ? o->p : empty, o->len, 1, flags);
+    return PyBuffer_FillInfo(view, (PyObject *)o, o->buf.p ? o->buf.p : empty, o->buf.len, 1, flags);
 }
 static PyBufferProcs owned_as_buffer = {(getbufferproc)owned_getbuffer, NULL};
 static PyTypeObject OwnedType = {
@@ -371,8 +405,8 @@ static PyTypeObject OwnedType = {
 static PyObject *own(Buf *b) {  /* takes the buffer */
     Owned *o = PyObject_New(Owned, &OwnedType);
     if (!o) return NULL;
-    o->p = b->p; o->len = b->len;
-    b->p = NULL; b->len = b->cap = 0;
+    o->buf = *b;
+    b->p = NULL; b->len = b->cap = 0; b->mapped = 0;
     return (PyObject *)o;
 }
 
@@ -481,7 +515,7 @@ static PyObject *copy_decode(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(carry.p);
+    buf_free(&carry);
     if (err) PyErr_SetString(PyExc_RuntimeError, err);
     else if (oom) PyErr_NoMemory();
     else {
