@@ -36,6 +36,7 @@ from datasync.targets import duckfile
 log = logging.getLogger(__name__)
 
 UPSERT, DELETE = 0, 1
+_JSON = pa.json_(pa.large_string())
 
 
 @dataclasses.dataclass
@@ -155,25 +156,36 @@ class TableApplier:
         def split(ks: list[Any]) -> list[Any]:
             return [ks] if nkey == 1 else [list(c) for c in zip(*ks, strict=True)]
 
-        key_cols = split(keys)
-        nulls = [None] * ncols
-        rows = [e.values if e.values is not None else nulls for e in entries]
-        val_cols: list[Any] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(ncols)]
-        arrays: dict[str, pa.Array] = {f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)}
-        arrays["del"] = pa.array([e.op == DELETE for e in entries], pa.bool_())
+        arrays: dict[str, pa.Array] = {}
         unchanged_cols: list[int] = []
-        if self.has_unchanged:
+        if pgoutput.SPEEDUPS and not self.has_unchanged:  # the usual case, in C
+            for j, arr in enumerate(_text_arrays(keys, 0 if nkey == 1 else nkey)):
+                arrays[f"k{j}"] = arr
+            arrays["del"] = pa.array([e.op == DELETE for e in entries], pa.bool_())
+            for i, arr in enumerate(_text_arrays([e.values for e in entries], ncols)):
+                if cols[i].duck_type == "JSON" and cols[i].pg_base == "jsonb":
+                    # PostgreSQL only sends valid jsonb: no need for DuckDB to parse it again
+                    arr = pa.ExtensionArray.from_storage(_JSON, arr)
+                arrays[f"v{i}"] = arr
+        else:
+            key_cols = split(keys)
+            nulls = [None] * ncols
+            rows = [e.values if e.values is not None else nulls for e in entries]
+            val_cols: list[Any] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(ncols)]
+            arrays.update({f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)})
+            arrays["del"] = pa.array([e.op == DELETE for e in entries], pa.bool_())
+            if self.has_unchanged:
+                for i in range(ncols):
+                    flags = [v is pgoutput.UNCHANGED for v in val_cols[i]]
+                    if any(flags):
+                        unchanged_cols.append(i)
+                        arrays[f"u{i}"] = pa.array(flags, pa.bool_())
+                        val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags, strict=True)]
+                lookups = split([e.lookup if e.lookup is not None else k for k, e in zip(keys, entries, strict=True)])
+                for j in range(nkey):
+                    arrays[f"l{j}"] = pa.array(lookups[j], pa.string())
             for i in range(ncols):
-                flags = [v is pgoutput.UNCHANGED for v in val_cols[i]]
-                if any(flags):
-                    unchanged_cols.append(i)
-                    arrays[f"u{i}"] = pa.array(flags, pa.bool_())
-                    val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags, strict=True)]
-            lookups = split([e.lookup if e.lookup is not None else k for k, e in zip(keys, entries, strict=True)])
-            for j in range(nkey):
-                arrays[f"l{j}"] = pa.array(lookups[j], pa.string())
-        for i in range(ncols):
-            arrays[f"v{i}"] = pa.array(val_cols[i], pa.string())
+                arrays[f"v{i}"] = pa.array(val_cols[i], pa.string())
         stage = pa.table(arrays)
         key_cols_meta = [self._column(k) for k in self.state.key]
         t = self.target.sql
@@ -199,13 +211,34 @@ class TableApplier:
             match = " AND ".join(
                 f"{t}.{quote(kc.name)} IS NOT DISTINCT FROM _dss.k{j}" for j, kc in enumerate(key_cols_meta)
             )
-            self.con.execute(f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage) _dss WHERE {match}")
             if unchanged_cols:
+                self.con.execute(f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage) _dss WHERE {match}")
                 self.con.execute(f"INSERT INTO {t} ({names}) SELECT * FROM _ds_new")
                 self.con.execute("DROP TABLE _ds_new")
             else:
+                # rows that stay are updated in place: delete + insert would leave DuckDB's
+                # checkpoint to vacuum every touched row group (measured: 25% slower, 6x the WAL)
+                key_names = set(self.state.key)
+                sets = [(i, c) for i, c in enumerate(cols) if c.name not in key_names]
+                if any(e.op == DELETE for e in entries):
+                    self.con.execute(
+                        f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage WHERE del) _dss WHERE {match}"
+                    )
+                if sets:
+                    vals = ", ".join(f"{_mapping(c).cast(f'v{i}')} AS v{i}" for i, c in sets)
+                    self.con.execute(
+                        f"UPDATE {t} SET {', '.join(f'{quote(c.name)} = _dss.v{i}' for i, c in sets)} "
+                        f"FROM (SELECT {keysel}, {vals} FROM _ds_stage WHERE NOT del) _dss WHERE {match}"
+                    )
                 sel = ", ".join(_mapping(c).cast(f"v{i}") for i, c in enumerate(cols))
-                self.con.execute(f"INSERT INTO {t} ({names}) SELECT {sel} FROM _ds_stage WHERE NOT del")
+                present = " AND ".join(
+                    f"{t}.{quote(kc.name)} IS NOT DISTINCT FROM {_mapping(kc).cast(f'_dss.k{j}')}"
+                    for j, kc in enumerate(key_cols_meta)
+                )
+                self.con.execute(
+                    f"INSERT INTO {t} ({names}) SELECT {sel} FROM _ds_stage _dss "
+                    f"WHERE NOT _dss.del AND NOT EXISTS (SELECT 1 FROM {t} WHERE {present})"
+                )
         except duckdb.ConversionException as exc:
             # the batch's transaction is rolled back and resent after a fix: nothing is lost
             raise errors.TargetError(
@@ -363,3 +396,14 @@ def match_columns(
             pairs.append((None, rc))
     dropped = [c for c in old if c.name not in used]
     return pairs, dropped
+
+
+def _text_arrays(rows: list[Any], ncols: int) -> list[pa.Array]:
+    """Arrow string columns of ``rows`` (lists of text/None, or None: all null); ``ncols`` 0: one value per row."""
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
+
+    n = len(rows)
+    return [
+        pa.Array.from_buffers(pa.large_string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)])
+        for valid, offsets, data in _speedups.text_columns(rows, ncols)
+    ]

@@ -15,7 +15,9 @@ resends from the confirmed point; the applier skips what the target already has.
 from __future__ import annotations
 
 import contextlib
+import queue
 import select
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -107,3 +109,83 @@ class Stream:
             self.conn.close()
         except psycopg2.Error:
             pass
+
+
+class Prefetched:
+    """A :class:`Stream` read ahead by a thread of its own, with the same interface.
+
+    Why: while the applier folds and commits a batch, nobody reads the socket;
+    once its buffer is full the walsender stops decoding, and the two sides take
+    turns instead of working at once (on 2 cores, the walsender's decoding is
+    as much work as our apply).  The thread is the connection's only user:
+    confirmations and status requests are handed to it, so psycopg2 is never
+    called from two threads.  Each batch carries the ``wal_end`` seen right
+    after it was read, so "everything up to wal_end has been read" stays true
+    for the consumer however far ahead the thread is.
+    """
+
+    def __init__(self, stream: Stream, *, depth: int = 8, batch: int = 10_000, poll: float = 0.1) -> None:
+        self.stream = stream
+        self.wal_end = stream.wal_end
+        self._batches: queue.Queue[tuple[list[bytes], int] | BaseException] = queue.Queue(maxsize=depth)
+        self._lock = threading.Lock()
+        self._confirm: tuple[int, bool] | None = None
+        self._status = False
+        self._closing = threading.Event()
+        self._batch, self._poll = batch, poll
+        self._thread = threading.Thread(target=self._run, name="wal-reader", daemon=True)
+        self._thread.start()
+
+    def _send_pending(self) -> None:
+        with self._lock:
+            confirm, self._confirm = self._confirm, None
+            status, self._status = self._status, False
+        if confirm is not None:
+            self.stream.confirm(confirm[0], force=confirm[1])
+        if status:
+            self.stream.request_status()
+
+    def _run(self) -> None:
+        try:
+            while not self._closing.is_set():
+                self._send_pending()
+                item = (self.stream.read(self._batch, self._poll), self.stream.wal_end)
+                while not self._closing.is_set():
+                    try:
+                        self._batches.put(item, timeout=self._poll)
+                        break
+                    except queue.Full:
+                        self._send_pending()  # confirmations flow while the consumer catches up
+            self._send_pending()
+        except BaseException as exc:  # handed to the consumer
+            self._closing.set()
+            with contextlib.suppress(queue.Full):
+                self._batches.put_nowait(exc)
+
+    def read(self, max_messages: int, timeout: float) -> list[bytes]:
+        """The next batch the thread read (it reads up to its own batch size), or [] after ``timeout``."""
+        try:
+            item = self._batches.get(timeout=timeout)
+        except queue.Empty:
+            if not self._thread.is_alive():
+                raise StreamLost("replication stream lost: the reader stopped") from None
+            return []
+        if isinstance(item, BaseException):
+            raise item
+        msgs, self.wal_end = item
+        return msgs
+
+    def confirm(self, lsn: int, *, force: bool = False) -> None:
+        with self._lock:
+            prior = self._confirm
+            self._confirm = (max(lsn, prior[0]) if prior else lsn, force or bool(prior and prior[1]))
+
+    def request_status(self, min_interval: float = 0.05) -> None:
+        with self._lock:
+            self._status = True
+
+    def close(self) -> None:
+        """Send what is pending, stop the thread, close the connection."""
+        self._closing.set()
+        self._thread.join(timeout=10)
+        self.stream.close()
