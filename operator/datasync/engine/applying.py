@@ -17,11 +17,10 @@ column after ALTER TYPE) are back-filled from the source.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import psycopg
@@ -39,11 +38,12 @@ UPSERT, DELETE = 0, 1
 _JSON = pa.json_(pa.large_string())
 
 
-@dataclasses.dataclass
-class Entry:
-    op: int
-    values: list[pgoutput.Value] | None
-    lookup: Any  # key whose target row supplies unchanged values (None: the row's own)
+# a folded change: (op, values, lookup) — lookup: the key whose target row supplies
+# unchanged values (None: the row's own).  A plain tuple: one is made per change.
+Entry = tuple[int, "list[pgoutput.Value] | None", Any]
+OP: Final = 0
+VALUES: Final = 1
+LOOKUP: Final = 2
 
 
 class TableApplier:
@@ -98,7 +98,7 @@ class TableApplier:
 
     def insert(self, new: list[pgoutput.Value]) -> None:
         self._ensure_layout()
-        self.pending[self._key(new)] = Entry(UPSERT, new, None)
+        self.pending[self._key(new)] = (UPSERT, new, None)
 
     def update(self, new: list[pgoutput.Value], old: list[pgoutput.Value] | None, unchanged: bool | None = None) -> None:
         """Fold an update; ``unchanged``: whether ``new`` holds UNCHANGED markers (computed if None)."""
@@ -110,33 +110,33 @@ class TableApplier:
             if old_key != key:
                 lookup = old_key
                 prior = self.pending.get(old_key)
-                self.pending[old_key] = Entry(DELETE, None, None)
-                if prior is not None and prior.op == UPSERT:
+                self.pending[old_key] = (DELETE, None, None)
+                if prior is not None and prior[OP] == UPSERT:
                     self.pending[key] = self._merge(new, prior, lookup)
                     return
         if unchanged is None:
             unchanged = pgoutput.UNCHANGED in new
         if unchanged:
             prior = self.pending.get(lookup)
-            if prior is not None and prior.op == UPSERT:
+            if prior is not None and prior[OP] == UPSERT:
                 self.pending[key] = self._merge(new, prior, lookup)
                 return
             self.has_unchanged = True
-            self.pending[key] = Entry(UPSERT, new, lookup)
+            self.pending[key] = (UPSERT, new, lookup)
         else:
-            self.pending[key] = Entry(UPSERT, new, None)
+            self.pending[key] = (UPSERT, new, None)
 
     def _merge(self, new: list[pgoutput.Value], prior: Entry, lookup: Any) -> Entry:
-        assert prior.values is not None
-        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior.values, strict=False)]
+        assert prior[VALUES] is not None
+        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior[VALUES], strict=False)]
         if pgoutput.UNCHANGED in merged:
             self.has_unchanged = True
-            return Entry(UPSERT, merged, prior.lookup or lookup)
-        return Entry(UPSERT, merged, None)
+            return (UPSERT, merged, prior[LOOKUP] or lookup)
+        return (UPSERT, merged, None)
 
     def delete(self, old: list[pgoutput.Value]) -> None:
         self._ensure_layout()
-        self.pending[self._key(old)] = Entry(DELETE, None, None)
+        self.pending[self._key(old)] = (DELETE, None, None)
 
     def truncate(self) -> None:
         self.pending.clear()
@@ -161,8 +161,8 @@ class TableApplier:
         if pgoutput.SPEEDUPS and not self.has_unchanged:  # the usual case, in C
             for j, arr in enumerate(_text_arrays(keys, 0 if nkey == 1 else nkey)):
                 arrays[f"k{j}"] = arr
-            arrays["del"] = pa.array([e.op == DELETE for e in entries], pa.bool_())
-            for i, arr in enumerate(_text_arrays([e.values for e in entries], ncols)):
+            arrays["del"] = pa.array([e[OP] == DELETE for e in entries], pa.bool_())
+            for i, arr in enumerate(_text_arrays([e[VALUES] for e in entries], ncols)):
                 if cols[i].duck_type == "JSON" and cols[i].pg_base == "jsonb":
                     # PostgreSQL only sends valid jsonb: no need for DuckDB to parse it again
                     arr = pa.ExtensionArray.from_storage(_JSON, arr)
@@ -170,10 +170,10 @@ class TableApplier:
         else:
             key_cols = split(keys)
             nulls = [None] * ncols
-            rows = [e.values if e.values is not None else nulls for e in entries]
+            rows = [e[VALUES] if e[VALUES] is not None else nulls for e in entries]
             val_cols: list[Any] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(ncols)]
             arrays.update({f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)})
-            arrays["del"] = pa.array([e.op == DELETE for e in entries], pa.bool_())
+            arrays["del"] = pa.array([e[OP] == DELETE for e in entries], pa.bool_())
             if self.has_unchanged:
                 for i in range(ncols):
                     flags = [v is pgoutput.UNCHANGED for v in val_cols[i]]
@@ -181,7 +181,7 @@ class TableApplier:
                         unchanged_cols.append(i)
                         arrays[f"u{i}"] = pa.array(flags, pa.bool_())
                         val_cols[i] = [None if f else v for v, f in zip(val_cols[i], flags, strict=True)]
-                lookups = split([e.lookup if e.lookup is not None else k for k, e in zip(keys, entries, strict=True)])
+                lookups = split([e[LOOKUP] if e[LOOKUP] is not None else k for k, e in zip(keys, entries, strict=True)])
                 for j in range(nkey):
                     arrays[f"l{j}"] = pa.array(lookups[j], pa.string())
             for i in range(ncols):
@@ -220,7 +220,7 @@ class TableApplier:
                 # checkpoint to vacuum every touched row group (measured: 25% slower, 6x the WAL)
                 key_names = set(self.state.key)
                 sets = [(i, c) for i, c in enumerate(cols) if c.name not in key_names]
-                if any(e.op == DELETE for e in entries):
+                if any(e[OP] == DELETE for e in entries):
                     self.con.execute(
                         f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage WHERE del) _dss WHERE {match}"
                     )

@@ -241,6 +241,7 @@ class ChangeStream:
         return self.stats
 
     def _idle(self) -> None:
+        self._collect()
         # idle polls come every poll_seconds; lag needs two queries, once a second is plenty
         now = time.monotonic()
         if now - self._last_lag < 1.0:
@@ -289,7 +290,11 @@ class ChangeStream:
             self.stats.lag_samples.append(self.stats.lag_seconds)
         if self.on_batch:
             self.on_batch(self.stats)
-        if time.monotonic() - self._collected >= GC_INTERVAL_SECONDS:  # the batch's objects are gone
+        self._collect()
+
+    def _collect(self) -> None:
+        """Run the cyclic collector if it is due (between batches: the folded changes are gone)."""
+        if time.monotonic() - self._collected >= GC_INTERVAL_SECONDS:
             gc.collect()
             self._collected = time.monotonic()
 
