@@ -21,10 +21,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
-from datasync import errors, identifiers
+from datasync import errors, identifiers, listening
 from datasync.engine import pinning
 from datasync.validation import comparing, references, rules, running
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 CHECK_PATH = "/api/v1/data-sync/consistency/check"
 STATUS_PATH = "/api/v1/data-sync/consistency/status"
-MAX_BODY = 1 << 20
 
 
 class Api:
@@ -89,58 +88,26 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _handler(api: Api) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, code: int, doc: dict[str, Any]) -> None:
-            self._send(code, json.dumps(doc, default=str).encode())
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/healthz":
-                self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            elif path == "/metrics" and api.metrics is not None:
-                self._send(200, api.metrics(), "text/plain; version=0.0.4; charset=utf-8")
-            elif path == STATUS_PATH:
-                if api.last_run is None:
-                    self._json(404, {"error": "no check has run yet", "hint": f"POST {CHECK_PATH}"})
-                else:
-                    self._json(200, api.last_run.as_json())
-            else:
-                self._json(404, {"error": f"no such endpoint {path}"})
-
-        def do_POST(self) -> None:
-            if self.path.split("?", 1)[0] != CHECK_PATH:
-                self._json(404, {"error": f"no such endpoint {self.path}"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._json(413, {"error": "request body too large"})
-                return
-            try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-            except json.JSONDecodeError as exc:
-                self._json(400, {"error": f"the body is not JSON: {exc}"})
-                return
-            code, doc = api.check(body)
-            self._json(code, doc)
-
-        def log_message(self, format: str, *args: object) -> None:
-            log.info("api: " + format, *args)
-
-    return Handler
-
-
 def serve(api: Api, address: str) -> ThreadingHTTPServer:
     """Serve ``api`` on ``host:port`` in a daemon thread; ``shutdown()`` the result to stop."""
-    host, _, port = address.rpartition(":")
-    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), _handler(api))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
-    return server
+
+    def check(body: bytes) -> listening.Response:
+        try:
+            doc = json.loads(body or b"{}")
+        except json.JSONDecodeError as exc:
+            return listening.as_json(400, {"error": f"the body is not JSON: {exc}"})
+        return listening.as_json(*api.check(doc))
+
+    def status(_: bytes) -> listening.Response:
+        if api.last_run is None:
+            return listening.as_json(404, {"error": "no check has run yet", "hint": f"POST {CHECK_PATH}"})
+        return listening.as_json(200, api.last_run.as_json())
+
+    routes: dict[tuple[str, str], listening.Route] = {
+        ("POST", CHECK_PATH): check,
+        ("GET", STATUS_PATH): status,
+        ("GET", "/healthz"): lambda _: listening.text(200, "ok\n"),
+    }
+    if api.metrics is not None:
+        routes[("GET", "/metrics")] = listening.metrics(api.metrics)
+    return listening.serve(routes, address, default_host="127.0.0.1", name="api", access_log=True)
