@@ -38,8 +38,10 @@ decode_change = pgoutput.decode_change
 STOP_GRACE_SECONDS = 5.0  # on SIGTERM, how long to wait for a transaction still arriving
 # Folded changes are hundreds of thousands of young lists: Python's cyclic
 # collector rescans them over and over while a batch grows (~15% of CDC time).
-# The loop turns it off and collects between batches, at most this often.
+# The loop turns it off and collects between batches: the young generations at
+# most once a second (milliseconds), everything at most once a minute.
 GC_INTERVAL_SECONDS = 1.0
+GC_FULL_INTERVAL_SECONDS = 60.0
 
 
 @dataclasses.dataclass
@@ -94,7 +96,7 @@ class ChangeStream:
         self._txn_index = 0  # data messages seen in the current transaction
         self._stream: receiving.Prefetched | None = None
         self._last_lag = 0.0
-        self._collected = 0.0  # when the loop last ran the cyclic garbage collector
+        self._collected = self._collected_all = 0.0  # when the loop last ran the cyclic garbage collector
         # commit LSN of the latest transaction in the target (at least: everything before the checkpoint)
         self._last_begun = max(0, applied - 1)
 
@@ -120,7 +122,7 @@ class ChangeStream:
             pins.open()
         collecting = gc.isenabled()
         gc.disable()
-        self._collected = time.monotonic()
+        self._collected = self._collected_all = time.monotonic()
         try:
             while True:
                 msgs = stream.read(10_000, self.poll_seconds)
@@ -294,9 +296,13 @@ class ChangeStream:
 
     def _collect(self) -> None:
         """Run the cyclic collector if it is due (between batches: the folded changes are gone)."""
-        if time.monotonic() - self._collected >= GC_INTERVAL_SECONDS:
+        now = time.monotonic()
+        if now - self._collected_all >= GC_FULL_INTERVAL_SECONDS:
             gc.collect()
-            self._collected = time.monotonic()
+            self._collected = self._collected_all = now
+        elif now - self._collected >= GC_INTERVAL_SECONDS:
+            gc.collect(1)
+            self._collected = now
 
     def _lag(self) -> None:
         cur = replication.current_lsn(self.control)
