@@ -214,17 +214,10 @@ class _Loader:
     commit) runs on every worker instead of queueing behind one writer.
     """
 
-    def __init__(self, con: Any, table: catalog.Table, target_name: identifiers.TableName) -> None:
+    def __init__(self, con: Any, table: catalog.Table, inserts: dict[str, str]) -> None:
         self.con = con
         self.table = table
-        cols = ", ".join(quote(c.name) for c in table.columns)
-        text_select = ", ".join(c.mapping.cast(f"c{i}") for i, c in enumerate(table.columns))
-        self.inserts = {"text": f"INSERT INTO {target_name.sql} ({cols}) SELECT {text_select} FROM _datasync_chunk"}
-        plan = binary_plan(table)
-        if plan is not None:
-            self.inserts["binary"] = (
-                f"INSERT INTO {target_name.sql} ({cols}) SELECT {', '.join(plan.insert)} FROM _datasync_chunk"
-            )
+        self.inserts = inserts  # by chunk shape: "binary" / "text"
         self.pending: list[pa.Table] = []
         self.shape = ""
         self.pending_rows = 0
@@ -312,8 +305,20 @@ def _get(q: queue.Queue[Any], failed: threading.Event) -> Any:
             continue
 
 
+def _inserts(table: catalog.Table, target_name: identifiers.TableName, plan: BinaryPlan | None) -> dict[str, str]:
+    """The INSERT of a decoded chunk into ``target_name``, by the chunk's shape."""
+    cols = ", ".join(quote(c.name) for c in table.columns)
+    selects = {"text": ", ".join(c.mapping.cast(f"c{i}") for i, c in enumerate(table.columns))}
+    if plan is not None:
+        selects["binary"] = ", ".join(plan.insert)
+    return {
+        shape: f"INSERT INTO {target_name.sql} ({cols}) SELECT {select} FROM _datasync_chunk"
+        for shape, select in selects.items()
+    }
+
+
 def _reading(
-    dsn: str, snapshot_id: str, table: catalog.Table, work: queue.Queue[Chunk | None],
+    dsn: str, snapshot_id: str, table: catalog.Table, plan: BinaryPlan | None, work: queue.Queue[Chunk | None],
     decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event,
 ) -> None:
     """Read chunks as of the snapshot and decode them onto ``decoded``."""
@@ -322,7 +327,6 @@ def _reading(
         try:
             conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
             conn.cursor().execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
-            plan = binary_plan(table)
             while (chunk := work.get()) is not None:
                 rows: pa.Table | None = None
                 shape = "binary"
@@ -390,7 +394,9 @@ def copy_table(
         work.put(None)
     out: queue.Queue[Any] = queue.Queue()
     failed = threading.Event()
-    loaders = [_Loader(target.con.cursor(), table, target_name) for _ in range(workers)]
+    plan = binary_plan(table)
+    inserts = _inserts(table, target_name, plan)
+    loaders = [_Loader(target.con.cursor(), table, inserts) for _ in range(workers)]
     row = target.con.execute("SELECT current_setting('threads')").fetchone()
     threads_before = int(row[0]) if row else 1
     if workers > 1:  # the workers are the parallelism: one DuckDB thread per insert contends less (~15%)
@@ -399,7 +405,7 @@ def copy_table(
     gc.disable()  # Arrow tables hold no cycles; the collector only rescans the heap (~0.25 s per 1M rows)
     decoded: queue.Queue[Any] = queue.Queue(maxsize=2 * workers)  # bounds memory
     threads = [
-        threading.Thread(target=_reading, args=(dsn, snapshot_id, table, work, decoded, out, failed), daemon=True)
+        threading.Thread(target=_reading, args=(dsn, snapshot_id, table, plan, work, decoded, out, failed), daemon=True)
         for _ in range(workers)
     ] + [threading.Thread(target=_loading, args=(loader, decoded, out, failed), daemon=True) for loader in loaders]
     for t in threads:
@@ -431,7 +437,7 @@ def copy_table(
         # the workers' last partial row groups, together at the end of the table: a
         # partial row group between full ones makes DuckDB's checkpoint rewrite its
         # neighbours (measured: +0.5 s and +20% file size per 1M rows)
-        last = _Loader(target.con, table, target_name)
+        last = _Loader(target.con, table, inserts)
         for shape, rest in rests:
             for rows in rest:
                 last.add(shape, rows)
