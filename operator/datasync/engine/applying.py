@@ -48,6 +48,8 @@ Entry = tuple[int, "list[pgoutput.Value] | None", Any]
 OP: Final = 0
 VALUES: Final = 1
 LOOKUP: Final = 2
+# what the fold of the common changes needs per relid: (pending dict, key positions)
+FoldSpec = tuple[dict[Any, Entry], tuple[int, ...]]
 
 
 class TableApplier:
@@ -83,6 +85,12 @@ class TableApplier:
         if self.layout != rel:
             self.layout = rel
             self.layout_checked = False
+
+    def fold_spec(self) -> FoldSpec | None:
+        """What ``fold_changes`` needs to fold this table's changes, or None while its layout is unchecked."""
+        if not self.layout_checked:
+            return None
+        return (self.pending, tuple(self.key_pos))
 
     def _ensure_layout(self) -> None:
         if self.layout_checked:
@@ -399,6 +407,54 @@ def match_columns(
             pairs.append((None, rc))
     dropped = [c for c in old if c.name not in used]
     return pairs, dropped
+
+
+def _fold_key(values: list[pgoutput.Value], pos: tuple[int, ...]) -> Any:
+    return values[pos[0]] if len(pos) == 1 else tuple(values[p] for p in pos)
+
+
+def _py_fold_changes(msgs: list[bytes], start: int, tables: dict[int, FoldSpec], limit: int) -> tuple[int, int]:
+    """Fold the common changes of ``msgs[start:]`` into pending dicts; returns (next index, changes folded).
+
+    ``tables``: relid -> (pending dict, key positions).  Stops before the first
+    message it leaves to :class:`TableApplier` (another message type, another
+    relid, an unchanged-TOAST marker, a key change) and after a change that
+    brings a pending dict to ``limit`` entries.  The same fold as
+    ``TableApplier.insert/update/delete`` for those cases; ``_speedups.fold_changes``
+    (C, one call per batch instead of several per change) replaces it when built.
+    """
+    i, folded = start, 0
+    while i < len(msgs):
+        change = pgoutput.decode_change(msgs[i])
+        if change is None:
+            break
+        tag, relid, new, old, _, unchanged = change
+        spec = tables.get(relid)
+        if spec is None or (old is not None and pgoutput.UNCHANGED in old):
+            break
+        pending, pos = spec
+        if tag == 0x44:
+            assert old is not None
+            pending[_fold_key(old, pos)] = (DELETE, None, None)
+        else:
+            assert new is not None
+            key = _fold_key(new, pos)
+            if unchanged or (old is not None and _fold_key(old, pos) != key):
+                break
+            pending[key] = (UPSERT, new, None)
+        folded += 1
+        i += 1
+        if len(pending) >= limit:
+            break
+    return i, folded
+
+
+if pgoutput.SPEEDUPS:
+    from datasync.engine import _speedups as _fold_speedups  # type: ignore[attr-defined]
+
+    fold_changes: Callable[[list[bytes], int, dict[int, FoldSpec], int], tuple[int, int]] = _fold_speedups.fold_changes
+else:  # pragma: no cover - exercised where no C compiler was available
+    fold_changes = _py_fold_changes
 
 
 def _text_arrays(rows: list[Any], ncols: int) -> list[pa.Array]:

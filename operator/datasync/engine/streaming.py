@@ -120,15 +120,36 @@ class ChangeStream:
         pins = self.pins
         if pins is not None:
             pins.open()
+        fold = applying.fold_changes
+        fast: dict[int, applying.FoldSpec] | None = None  # relid -> fold spec, for the current transaction
         collecting = gc.isenabled()
         gc.disable()
         self._collected = self._collected_all = time.monotonic()
         try:
             while True:
                 msgs = stream.read(10_000, self.poll_seconds)
-                for data in msgs:
+                i, nmsgs = 0, len(msgs)
+                while i < nmsgs:
+                    if in_txn and not skip_txn and self._txn_index >= skip_upto:
+                        # the hot path: runs of ordinary changes folded in one call
+                        if fast is None:
+                            fast = self._fast_tables(final_lsn)
+                        if fast:
+                            j, folded = fold(msgs, i, fast, self.batch_changes)
+                            if folded:
+                                self._txn_index += folded
+                                batch_changes += folded
+                                for pending, _ in fast.values():
+                                    if len(pending) >= self.batch_changes:
+                                        self._flush_full()
+                                        break
+                            if j > i:
+                                i = j
+                                continue
+                    data = msgs[i]
+                    i += 1
                     change = decode_change(data)
-                    if change is not None:  # the hot path: Insert/Update/Delete
+                    if change is not None:  # what the fold left: key changes, unchanged TOAST, new layouts
                         if skip_txn:
                             continue
                         self._txn_index += 1
@@ -138,6 +159,8 @@ class ChangeStream:
                         ap = self.by_relid.get(relid)
                         if ap is None or final_lsn < ap.state.snapshot_lsn:
                             continue
+                        if not ap.layout_checked:
+                            fast = None  # checked below: its changes can be folded from now on
                         if tag == 0x49:
                             ap.insert(new)
                         elif tag == 0x55:
@@ -151,6 +174,7 @@ class ChangeStream:
                     msg = pgoutput.decode(data)
                     if isinstance(msg, pgoutput.Begin):
                         in_txn = True
+                        fast = None
                         final_lsn = self._final_lsn = msg.final_lsn
                         skip_txn = final_lsn < applied
                         self._txn_index = 0
@@ -184,6 +208,7 @@ class ChangeStream:
                             self._commit(last_end, last_ts)
                             open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
                     elif isinstance(msg, pgoutput.Relation):
+                        fast = None
                         ap = self.appliers.get(identifiers.TableName(msg.namespace, msg.name))
                         self.by_relid[msg.relid] = ap
                         if ap is not None:
@@ -224,6 +249,8 @@ class ChangeStream:
                         break
                     stream.request_status()
                 else:
+                    if not open_batch:
+                        self._confirm_idle(stream, None, force=False)  # WAL of other tables must not pile up
                     self._idle()
             if not in_txn and not open_batch:
                 self._confirm_idle(stream, until)
@@ -242,6 +269,21 @@ class ChangeStream:
         self._lag()
         return self.stats
 
+    def _fast_tables(self, final_lsn: int) -> dict[int, applying.FoldSpec]:
+        """The tables whose changes in the transaction at ``final_lsn`` the fold may take."""
+        fast = {}
+        for relid, ap in self.by_relid.items():
+            if ap is not None and final_lsn >= ap.state.snapshot_lsn:
+                spec = ap.fold_spec()
+                if spec is not None:
+                    fast[relid] = spec
+        return fast
+
+    def _flush_full(self) -> None:
+        for ap in self.appliers.values():
+            if len(ap.pending) >= self.batch_changes:
+                ap.flush()
+
     def _idle(self) -> None:
         self._collect()
         # idle polls come every poll_seconds; lag needs two queries, once a second is plenty
@@ -253,10 +295,10 @@ class ChangeStream:
         if self.on_batch:
             self.on_batch(self.stats)
 
-    def _confirm_idle(self, stream: receiving.Prefetched, until: int | None) -> None:
+    def _confirm_idle(self, stream: receiving.Prefetched, until: int | None, *, force: bool = True) -> None:
         """Everything sent was applied: let the slot move past WAL with no changes for us."""
         pos = max(self.stats.applied_lsn, min(stream.wal_end, until) if until is not None else stream.wal_end)
-        stream.confirm(pos, force=True)
+        stream.confirm(pos, force=force)
         self.stats.confirmed_lsn = pos
 
     # -- commits ---------------------------------------------------------------

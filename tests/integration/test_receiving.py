@@ -1,0 +1,89 @@
+"""The replication stream read from libpq in C: the same messages as psycopg2's reader,
+confirmations reach the slot, and keepalive requests are answered."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from datasync.engine import pgoutput
+from datasync.sources import receiving, replication
+from tests import helpers
+
+
+def _drain(stream: receiving.Stream, upto: int) -> list[bytes]:
+    out: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        msgs = stream.read(1000, 0.1)
+        out += msgs
+        if not msgs:
+            if stream.wal_end >= upto:
+                return out
+            stream.request_status()
+    raise AssertionError("the stream did not reach the flushed WAL position")
+
+
+def _prepare(pg: helpers.Source, *slots: str) -> int:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t")
+    for slot in slots:
+        pg.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    pg.execute("INSERT INTO t SELECT g, repeat('é', g % 50) FROM generate_series(1, 3000) g")
+    pg.execute("UPDATE t SET v = NULL WHERE id % 3 = 0; DELETE FROM t WHERE id % 7 = 0")
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        return replication.wait_flushed(conn)
+
+
+def test_native_reader_equals_psycopg2_reader(pg: helpers.Source) -> None:
+    upto = _prepare(pg, "s_native", "s_py")
+    native = receiving.Stream(pg.dsn, "s_native", "pub")
+    assert native._speedups is not None
+    plain = receiving.Stream(pg.dsn, "s_py", "pub", native=False)
+    try:
+        a, b = _drain(native, upto), _drain(plain, upto)
+    finally:
+        native.close()
+        plain.close()
+    assert a == b
+    changes = [m for m in a if m[:1] in (b"I", b"U", b"D")]
+    assert len(changes) == 3000 + 1000 + 428
+    assert sum(1 for m in a if m[:1] == b"C") == 2  # the UPDATE and DELETE ran as one transaction
+
+
+def test_confirm_moves_the_slot(pg: helpers.Source) -> None:
+    upto = _prepare(pg, "s_confirm")
+    stream = receiving.Stream(pg.dsn, "s_confirm", "pub")
+    try:
+        msgs = _drain(stream, upto)
+        end = max(pgoutput.decode(m).end_lsn for m in msgs if m[:1] == b"C")  # type: ignore[union-attr]
+        stream.confirm(end, force=True)
+        deadline = time.monotonic() + 10
+        while True:
+            (flushed,) = pg.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's_confirm'")[0]
+            if pgoutput.parse_lsn(flushed) == end:
+                break
+            assert time.monotonic() < deadline, f"slot at {flushed}, confirmed {pgoutput.format_lsn(end)}"
+            stream.read(10, 0.1)
+    finally:
+        stream.close()
+
+
+def test_keepalive_requests_are_answered(pg: helpers.Source) -> None:
+    """With a 1 s wal_sender_timeout the walsender asks for a reply every 0.5 s and hangs up without one."""
+    upto = _prepare(pg, "s_alive")
+    pg.execute(f'ALTER DATABASE "{pg.dbname}" SET wal_sender_timeout = 1000')
+    stream = receiving.Stream(pg.dsn, "s_alive", "pub")
+    try:
+        _drain(stream, upto)
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            assert stream.read(100, 0.2) == []
+        pg.execute("INSERT INTO t VALUES (-1, 'still here')")
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while not any(m[:1] == b"I" for m in got):
+            assert time.monotonic() < deadline
+            got += stream.read(100, 0.2)
+    finally:
+        stream.close()
