@@ -49,7 +49,7 @@ class FakeStream:
 
 def test_reads_ahead_in_order_and_wal_end_follows_what_was_consumed() -> None:
     fake = FakeStream(100)
-    pre = receiving.Prefetched(fake, depth=2, batch=3, poll=0.01)  # type: ignore[arg-type]
+    pre = receiving.Prefetched(fake, max_bytes=8, batch=3, poll=0.01)  # type: ignore[arg-type]
     got: list[bytes] = []
     while len(got) < 100:
         msgs = pre.read(10_000, 1.0)
@@ -70,10 +70,27 @@ def test_reads_ahead_in_order_and_wal_end_follows_what_was_consumed() -> None:
 
 def test_errors_reach_the_consumer() -> None:
     fake = FakeStream(100, fail_after=6)
-    pre = receiving.Prefetched(fake, depth=8, batch=3, poll=0.01)  # type: ignore[arg-type]
+    pre = receiving.Prefetched(fake, max_bytes=64, batch=3, poll=0.01)  # type: ignore[arg-type]
     got: list[Any] = []
     with pytest.raises(receiving.StreamLost):
         while True:
             got += pre.read(10_000, 1.0)
     assert len(got) == 6
+    pre.close()
+
+
+def test_read_ahead_is_bounded_in_bytes() -> None:
+    fake = FakeStream(10**9)
+    pre = receiving.Prefetched(fake, max_bytes=300, batch=3, poll=0.01)  # type: ignore[arg-type]
+    time.sleep(0.2)
+    held = fake.sent
+    assert 0 < held <= 300  # messages are >= 1 byte: the reader stopped at the budget
+    time.sleep(0.1)
+    assert fake.sent == held  # and stays stopped while nobody reads
+    got = pre.read(50, 1.0)
+    assert got[0] == b"0" and len(got) <= 51  # batches are merged up to max_messages
+    deadline = time.monotonic() + 2
+    while fake.sent == held:  # room again: reading resumes
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     pre.close()
