@@ -130,9 +130,13 @@ def generate_changes(dsn: str, name: str) -> int:
     return 270_000
 
 
-def raw_receive(dsn: str, slot: str, publication: str, upto: int) -> tuple[int, float]:
-    """The source limit: the same stream, received and discarded (confirmed as we go)."""
-    stream = receiving.Stream(dsn, slot, publication)
+def raw_receive(dsn: str, slot: str, publication: str, upto: int, native: bool = True) -> tuple[int, float]:
+    """The source limit: the same stream, received and discarded (confirmed as we go).
+
+    ``native``: read with our C reader (the strongest receiver); otherwise with
+    psycopg2's ``read_message`` (what a plain Python consumer gets).
+    """
+    stream = receiving.Stream(dsn, slot, publication, native=native)
     started = time.perf_counter()
     n = 0
     last_end = 0
@@ -181,11 +185,15 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
     syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
+        conn.execute("SELECT pg_create_logical_replication_slot('bench_raw_py', 'pgoutput')")
     console.print("[bold]CDC: writing 270k changes (slot holds them)…")
     generate_changes(dsn, name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         upto = replication.wait_flushed(conn)
     n_raw, raw_s = raw_receive(dsn, "bench_raw", slot, upto)
+    n_py, py_s = raw_receive(dsn, "bench_raw_py", slot, upto, native=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot('bench_raw'), pg_drop_replication_slot('bench_raw_py')")
     started = time.perf_counter()
     res = syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot, batch_changes=100_000))
     ours_s = time.perf_counter() - started
@@ -195,6 +203,8 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
     results.add_row("apply 270k changes", f"{changes / ours_s:,.0f}", f"{n_raw / raw_s:,.0f}",
                     f"{(changes / ours_s) / (n_raw / raw_s):.2f}", f"{naive:,.0f}",
                     f"{(changes / ours_s) / naive:,.0f}×", "✓")
+    results.add_row("  (raw via psycopg2 read_message)", "-", f"{n_py / py_s:,.0f}",
+                    f"{(changes / ours_s) / (n_py / py_s):.2f}", "-", "-", "-")
     # lag at 5k changes/s offered load
     stop, done = threading.Event(), threading.Event()
     stats_box: list[streaming.Stats] = []

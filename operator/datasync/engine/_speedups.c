@@ -656,8 +656,8 @@ static PyObject *copy_decode(PyObject *self, PyObject *args) {
  *
  * replication_read(pgconn_ptr, libpq_path, max_messages, timeout)
  *     -> (payloads, wal_end, reply_requested)
- * Waits up to ``timeout`` seconds for the first message, then takes what is
- * buffered (up to ``max_messages``).  wal_end: the walEnd field of the latest
+ * Waits up to ``timeout`` seconds for the first message (or a keepalive), then
+ * takes what is buffered (up to ``max_messages``).  wal_end: the walEnd field of the latest
  * XLogData or keepalive seen (0: none).  Raises ConnectionError when the
  * stream ends or breaks.
  * ------------------------------------------------------------------------- */
@@ -674,7 +674,7 @@ static PyObject *replication_read(PyObject *self, PyObject *args) {
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     uint64_t wal_end = 0;
-    int reply = 0, waited = timeout <= 0, done = 0;
+    int reply = 0, waited = timeout <= 0, done = 0, keepalive = 0;
     char *err = NULL;
     char *bufs[READ_CHUNK];
     int lens[READ_CHUNK];
@@ -696,6 +696,7 @@ static PyObject *replication_read(PyObject *self, PyObject *args) {
                 if (buf[0] == 'k' && n >= 18) {
                     wal_end = rd64((unsigned char *)buf + 1);
                     if (buf[17]) reply = 1;
+                    keepalive = 1;
                 }
                 pq.freemem(buf);
                 continue;
@@ -706,7 +707,8 @@ static PyObject *replication_read(PyObject *self, PyObject *args) {
                     consumed = 1;
                     continue;
                 }
-                if (k > 0 || got > 0 || waited) { done = 1; break; }
+                /* a keepalive answers too: the caller learns how far the server has sent */
+                if (k > 0 || got > 0 || waited || keepalive) { done = 1; break; }
                 struct pollfd pfd = {pq.socket(conn), POLLIN, 0};
                 if (pfd.fd < 0) { err = strdup("connection is closed"); done = 1; break; }
                 poll(&pfd, 1, (int)(timeout * 1000));

@@ -216,7 +216,8 @@ class Prefetched:
         try:
             while not self._closing.is_set():
                 self._send_pending()
-                msgs = self.stream.read(self._batch, self._poll)
+                # short waits: close() joins this thread, and a --once run ends with it
+                msgs = self.stream.read(self._batch, min(self._poll, 0.02))
                 size = sum(map(len, msgs))
                 with self._cond:
                     if not msgs and self._items and not self._items[-1][0]:
