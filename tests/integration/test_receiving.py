@@ -87,3 +87,15 @@ def test_keepalive_requests_are_answered(pg: helpers.Source) -> None:
             got += stream.read(100, 0.2)
     finally:
         stream.close()
+
+
+def test_a_confirmation_still_owed_is_sent_on_close(pg: helpers.Source) -> None:
+    upto = _prepare(pg, "s_owed")
+    stream = receiving.Stream(pg.dsn, "s_owed", "pub")
+    msgs = _drain(stream, upto)
+    ends = sorted(pgoutput.decode(m).end_lsn for m in msgs if m[:1] == b"C")  # type: ignore[union-attr]
+    stream.confirm(ends[0], force=True)
+    stream.confirm(ends[-1])  # within CONFIRM_INTERVAL of the last update: held back
+    stream.close()
+    (flushed,) = pg.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's_owed'")[0]
+    assert pgoutput.parse_lsn(flushed) == ends[-1]

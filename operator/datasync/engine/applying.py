@@ -3,14 +3,19 @@
 Changes for a table accumulate in a dict keyed by primary key (the last change
 per key wins, so a batch touches each row once).  A flush stages the folded rows
 as one Arrow table of PostgreSQL text values (built in C) and applies them with
-set-based SQL: delete the deleted keys, update in place the rows that stay,
-insert the keys the copy lacks.  In-place updates matter: delete + re-insert
+one MERGE: delete the deleted keys, update in place the rows that stay, insert
+the keys the copy lacks.  In-place updates matter: delete + re-insert
 leaves DuckDB's checkpoint to vacuum every touched row group (measured 25%
 slower overall, six times the WAL).  Rows holding unchanged-TOAST markers take
 the general path: compute the new rows (keeping the target's value for those
 columns), delete every touched key, insert.  Row-at-a-time SQL would be orders
 of magnitude slower.  Flushes happen inside the caller's DuckDB transaction;
 only the caller commits, together with the checkpoint LSN.
+
+The common changes (inserts, deletes, updates that keep the key and carry every
+value) are folded by ``fold_changes``, a whole run of messages per call, in C:
+the per-change Python calls cost more than everything else on the CDC path.
+Whatever it declines goes through ``TableApplier.insert/update/delete``.
 
 Schema changes arrive as pgoutput Relation messages.  The first change after a
 new Relation layout reconciles the target table with it: drops, renames
