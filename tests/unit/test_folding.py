@@ -6,6 +6,7 @@ import importlib
 import struct
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from datasync.engine import applying
@@ -35,6 +36,11 @@ def dele(relid: int, *vals: object, marker: bytes = b"K") -> bytes:
 BEGIN = b"B" + struct.pack("!QqI", 100, 1, 7)
 
 
+def rows(pending: dict[Any, Any]) -> dict[Any, tuple[int, Any]]:
+    """The folded rows as (op, values list): the fold keeps messages, the applier may hold lists."""
+    return {k: (e[applying.OP], applying.entry_values(e)) for k, e in pending.items()}
+
+
 @pytest.mark.parametrize("fold", FOLDS)
 def test_folds_runs_of_changes_as_the_applier_does(fold: Any) -> None:
     pending: dict[Any, Any] = {}
@@ -48,8 +54,9 @@ def test_folds_runs_of_changes_as_the_applier_does(fold: Any) -> None:
         BEGIN,
     ]
     assert fold(msgs, 0, tables, 1000) == (8, 8)
-    assert pending == {"1": (0, ["1", "a2"], None), "2": (1, None, None), "3": (0, ["3", "c"], None)}
-    assert composite == {("y", "x"): (1, None, None), ("q", "p"): (0, ["p", "q", None], None)}
+    assert rows(pending) == {"1": (0, ["1", "a2"]), "2": (1, None), "3": (0, ["3", "c"])}
+    assert rows(composite) == {("y", "x"): (1, None), ("q", "p"): (0, ["p", "q", None])}
+    assert pending["1"][applying.VALUES] is msgs[2]  # the message itself, not a copy of its values
     assert fold(msgs, 8, tables, 1000) == (8, 0)  # not a change: left to the loop
 
 
@@ -67,7 +74,7 @@ def test_stops_before_what_it_leaves_to_the_applier(fold: Any, leftover: bytes) 
     pending: dict[Any, Any] = {}
     msgs = [ins(5, "7", "x"), leftover, ins(5, "8", "y")]
     assert fold(msgs, 0, {5: (pending, (0,))}, 1000) == (1, 1)
-    assert pending == {"7": (0, ["7", "x"], None)}
+    assert rows(pending) == {"7": (0, ["7", "x"])}
     assert fold(msgs, 1, {5: (pending, (0,))}, 1000) == (1, 0)
     assert fold(msgs, 2, {5: (pending, (0,))}, 1000) == (3, 1)
 
@@ -105,3 +112,17 @@ def test_c_fold_matches_the_reference_on_a_mixed_stream() -> None:
 def test_malformed_change_raises() -> None:
     with pytest.raises(po.DecodeError):
         _speedups.fold_changes([b"I" + struct.pack("!I", 5) + b"N" + b"\x00\x02t\x00\x00"], 0, {5: ({}, (0,))}, 10)
+
+
+def test_staging_reads_messages_and_lists_alike() -> None:
+    pending: dict[Any, Any] = {}
+    msgs = [ins(5, "1", "é"), ins(5, "2", None), dele(5, "3", None)]
+    applying._py_fold_changes(msgs, 0, {5: (pending, (0,))}, 100)
+    entries = [*pending.values(), (0, ["4", "x"], None), (0, None, None)]
+    columns = [
+        pa.Array.from_buffers(pa.large_string(), len(entries), [pa.py_buffer(b) for b in triple]).to_pylist()
+        for triple in _speedups.stage_values(entries, 2)
+    ]
+    assert columns == [["1", "2", None, "4", None], ["é", None, None, "x", None]]
+    with pytest.raises(po.DecodeError):
+        _speedups.stage_values([(0, ins(5, "1", "a", "extra"), None, 6)], 2)

@@ -114,37 +114,81 @@ done:
  * The CDC fold for the common case, without a Python call per change: from
  * msgs[start], Insert/Update/Delete messages of the relids in ``tables``
  * (relid -> (pending dict, key positions)) are folded into their pending dict
- * exactly as applying.TableApplier does (key -> (0, values, None) for a row
- * that stays, key -> (1, None, None) for a deleted one).  Stops before the
- * first message it leaves to Python: any other message type, a relid not in
- * ``tables``, an unchanged-TOAST marker, an update that changes the key; and
- * after a change that brings a pending dict to ``limit`` entries.
- * ``folded``: how many changes it folded. */
+ * as applying.TableApplier does, except that a row that stays is kept as the
+ * message itself: key -> (0, message, None, offset of its new TupleData); a
+ * deleted one is key -> (1, None, None).  Only the key's values become Python
+ * objects (stage_values reads the rest straight from the message).  Stops
+ * before the first message it leaves to Python: any other message type, a
+ * relid not in ``tables``, an unchanged-TOAST marker, an update that changes
+ * the key; and after a change that brings a pending dict to ``limit``
+ * entries.  ``folded``: how many changes it folded. */
 static PyObject *ZERO = NULL, *DELETED = NULL;
 
-static PyObject *fold_key(PyObject *values, PyObject *pos) {
-    Py_ssize_t nk = PyTuple_GET_SIZE(pos), nv = PyList_GET_SIZE(values);
+/* Walk one TupleData from *at; the values at the key positions ``kp`` become
+ * ``key`` (the value itself for one column, else a tuple).  *unchanged: a 'u'
+ * marker was seen.  Returns 0, or -1 with an exception set. */
+static int scan_key(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *at, const Py_ssize_t *kp, Py_ssize_t nk,
+                    PyObject **key, int *unchanged) {
+    *key = NULL;
+    if (*at + 2 > len) { fail("truncated tuple header"); return -1; }
+    int16_t n = (int16_t)(((uint16_t)buf[*at] << 8) | buf[*at + 1]);
+    *at += 2;
+    if (n < 0) { fail("negative column count"); return -1; }
+    PyObject *vals[8];
+    PyObject **kv = nk <= 8 ? vals : PyMem_Calloc((size_t)nk, sizeof(PyObject *));
+    if (!kv) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t j = 0; j < nk; j++) kv[j] = NULL;
+    int rc = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (*at >= len) { fail("truncated tuple"); goto out; }
+        unsigned char kind = buf[(*at)++];
+        const unsigned char *v = NULL;
+        int32_t l = 0;
+        if (kind == 't' || kind == 'b') {
+            if (*at + 4 > len) { fail("truncated value length"); goto out; }
+            l = (int32_t)rd32(buf + *at);
+            *at += 4;
+            if (l < 0 || *at + l > len) { fail("truncated value"); goto out; }
+            v = buf + *at;
+            *at += l;
+        } else if (kind == 'u') {
+            *unchanged = 1;
+        } else if (kind != 'n') {
+            fail("unknown tuple column kind");
+            goto out;
+        }
+        for (Py_ssize_t j = 0; j < nk; j++) {
+            if (kp[j] != i) continue;
+            PyObject *o;
+            if (kind == 't') o = PyUnicode_DecodeUTF8((const char *)v, l, "strict");
+            else if (kind == 'b') o = PyBytes_FromStringAndSize((const char *)v, l);
+            else if (kind == 'u') { o = UNCHANGED; Py_INCREF(o); }
+            else { o = Py_None; Py_INCREF(o); }
+            if (!o) goto out;
+            Py_XDECREF(kv[j]);
+            kv[j] = o;
+        }
+    }
+    for (Py_ssize_t j = 0; j < nk; j++)
+        if (!kv[j]) { fail("key column beyond the tuple"); goto out; }
     if (nk == 1) {
-        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, 0));
-        if (i < 0 || i >= nv) return fail("key column beyond the tuple");
-        PyObject *k = PyList_GET_ITEM(values, i);
-        Py_INCREF(k);
-        return k;
+        *key = kv[0];
+        kv[0] = NULL;
+    } else {
+        if (!(*key = PyTuple_New(nk))) goto out;
+        for (Py_ssize_t j = 0; j < nk; j++) { PyTuple_SET_ITEM(*key, j, kv[j]); kv[j] = NULL; }
     }
-    PyObject *key = PyTuple_New(nk);
-    if (!key) return NULL;
-    for (Py_ssize_t j = 0; j < nk; j++) {
-        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, j));
-        if (i < 0 || i >= nv) { Py_DECREF(key); return fail("key column beyond the tuple"); }
-        PyObject *k = PyList_GET_ITEM(values, i);
-        Py_INCREF(k);
-        PyTuple_SET_ITEM(key, j, k);
-    }
-    return key;
+    rc = 0;
+out:
+    for (Py_ssize_t j = 0; j < nk; j++) Py_XDECREF(kv[j]);
+    if (kv != vals) PyMem_Free(kv);
+    return rc;
 }
 
 /* 1: folded, 0: left to Python, -1: error */
-static int fold_one(const unsigned char *buf, Py_ssize_t len, PyObject *tables, Py_ssize_t limit, int *full) {
+static int fold_one(PyObject *msg, PyObject *tables, Py_ssize_t limit, int *full) {
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(msg);
+    Py_ssize_t len = PyBytes_GET_SIZE(msg);
     if (len < 6) return 0;
     unsigned char tag = buf[0];
     if (tag != 'I' && tag != 'U' && tag != 'D') return 0;
@@ -159,12 +203,20 @@ static int fold_one(const unsigned char *buf, Py_ssize_t len, PyObject *tables, 
         return -1;
     }
     PyObject *pending = PyTuple_GET_ITEM(spec, 0), *pos = PyTuple_GET_ITEM(spec, 1);
+    Py_ssize_t nk = PyTuple_GET_SIZE(pos);
+    Py_ssize_t kp_small[8];
+    Py_ssize_t *kp = nk <= 8 ? kp_small : PyMem_Malloc((size_t)nk * sizeof(Py_ssize_t));
+    if (!kp) { PyErr_NoMemory(); return -1; }
+    PyObject *old_key = NULL, *key = NULL, *entry = NULL, *offset = NULL;
+    int unchanged = 0, rc = -1;
+    for (Py_ssize_t j = 0; j < nk; j++) {
+        kp[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, j));
+        if (kp[j] < 0) { if (!PyErr_Occurred()) fail("negative key position"); goto out; }
+    }
     Py_ssize_t at = 5;
     unsigned char marker = buf[at++];
-    PyObject *oldt = NULL, *newt = NULL, *key = NULL, *entry = NULL;
-    int unchanged = 0, rc = -1;
     if (tag != 'I' && (marker == 'K' || marker == 'O')) {
-        if (!(oldt = parse_tuple(buf, len, &at, &unchanged))) goto out;
+        if (scan_key(buf, len, &at, kp, nk, &old_key, &unchanged) < 0) goto out;
         if (unchanged) { rc = 0; goto out; }
         if (tag == 'U') {
             if (at >= len) { fail("update without new tuple"); goto out; }
@@ -172,30 +224,30 @@ static int fold_one(const unsigned char *buf, Py_ssize_t len, PyObject *tables, 
         }
     }
     if (tag == 'D') {
-        if (!oldt) { fail("delete without old tuple"); goto out; }
-        if (!(key = fold_key(oldt, pos))) goto out;
+        if (!old_key) { fail("delete without old tuple"); goto out; }
+        key = old_key;
+        old_key = NULL;
         entry = DELETED;
         Py_INCREF(entry);
     } else {
         if (marker != 'N') { fail(tag == 'I' ? "insert without new tuple" : "update without new tuple"); goto out; }
-        if (!(newt = parse_tuple(buf, len, &at, &unchanged))) goto out;
+        Py_ssize_t values_at = at;
+        if (scan_key(buf, len, &at, kp, nk, &key, &unchanged) < 0) goto out;
         if (unchanged) { rc = 0; goto out; }
-        if (!(key = fold_key(newt, pos))) goto out;
-        if (oldt) {
-            PyObject *old_key = fold_key(oldt, pos);
-            if (!old_key) goto out;
+        if (old_key) {
             int same = PyObject_RichCompareBool(old_key, key, Py_EQ);
-            Py_DECREF(old_key);
             if (same < 0) goto out;
             if (!same) { rc = 0; goto out; }
         }
-        if (!(entry = PyTuple_Pack(3, ZERO, newt, Py_None))) goto out;
+        if (!(offset = PyLong_FromSsize_t(values_at))) goto out;
+        if (!(entry = PyTuple_Pack(4, ZERO, msg, Py_None, offset))) goto out;
     }
     if (PyDict_SetItem(pending, key, entry) < 0) goto out;
     *full = PyDict_GET_SIZE(pending) >= limit;
     rc = 1;
 out:
-    Py_XDECREF(oldt); Py_XDECREF(newt); Py_XDECREF(key); Py_XDECREF(entry);
+    if (kp != kp_small) PyMem_Free(kp);
+    Py_XDECREF(old_key); Py_XDECREF(key); Py_XDECREF(entry); Py_XDECREF(offset);
     return rc;
 }
 
@@ -208,7 +260,7 @@ static PyObject *fold_changes(PyObject *self, PyObject *args) {
         PyObject *m = PyList_GET_ITEM(msgs, i);
         if (!PyBytes_Check(m)) break;
         int full = 0;
-        int r = fold_one((const unsigned char *)PyBytes_AS_STRING(m), PyBytes_GET_SIZE(m), tables, limit, &full);
+        int r = fold_one(m, tables, limit, &full);
         if (r < 0) return NULL;
         if (r == 0) break;
         folded++;
@@ -822,6 +874,85 @@ static PyObject *text_columns(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* stage_values(entries, ncols) -> [(validity, offsets, data), ...]: Arrow large_string
+ * columns of the folded rows.  An entry's values are None (a deleted row: all null),
+ * a list of str/None (other values: null), or a pgoutput message whose TupleData
+ * starts at entry[3] (as fold_changes keeps them): values are copied from it
+ * without becoming Python objects.  Row-major: each row is walked once. */
+static PyObject *stage_values(PyObject *self, PyObject *args) {
+    PyObject *entries;
+    int ncols;
+    if (!PyArg_ParseTuple(args, "O!i", &PyList_Type, &entries, &ncols)) return NULL;
+    if (ncols < 1) { PyErr_SetString(PyExc_ValueError, "ncols must be positive"); return NULL; }
+    Col *cols = PyMem_Calloc((size_t)ncols, sizeof(Col));
+    if (!cols) return PyErr_NoMemory();
+    PyObject *out = NULL;
+    int64_t zero = 0;
+    for (int c = 0; c < ncols; c++)
+        if (buf_put(&cols[c].offsets, &zero, 8) < 0) goto nomem;
+    Py_ssize_t n = PyList_GET_SIZE(entries);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *e = PyList_GET_ITEM(entries, r);
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 2) { PyErr_SetString(PyExc_TypeError, "entries are tuples"); goto fail; }
+        PyObject *vals = PyTuple_GET_ITEM(e, 1);
+        if (PyBytes_Check(vals)) {
+            if (PyTuple_GET_SIZE(e) < 4) { PyErr_SetString(PyExc_TypeError, "a message entry needs its offset"); goto fail; }
+            Py_ssize_t at = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 3));
+            if (at < 0 && PyErr_Occurred()) goto fail;
+            const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(vals);
+            Py_ssize_t len = PyBytes_GET_SIZE(vals);
+            if (at < 0 || at + 2 > len) { fail("truncated tuple header"); goto fail; }
+            int16_t cnt = (int16_t)(((uint16_t)buf[at] << 8) | buf[at + 1]);
+            at += 2;
+            if (cnt != ncols) { fail("tuple column count differs from the table's"); goto fail; }
+            for (int c = 0; c < ncols; c++) {
+                if (at >= len) { fail("truncated tuple"); goto fail; }
+                unsigned char kind = buf[at++];
+                if (kind == 't' || kind == 'b') {
+                    if (at + 4 > len) { fail("truncated value length"); goto fail; }
+                    int32_t l = (int32_t)rd32(buf + at);
+                    at += 4;
+                    if (l < 0 || at + l > len) { fail("truncated value"); goto fail; }
+                    if (set_valid(&cols[c], r, 1) < 0 || put_var(&cols[c], buf + at, l) < 0) goto nomem;
+                    at += l;
+                } else if (kind == 'n' || kind == 'u') {
+                    if (set_valid(&cols[c], r, 0) < 0 || put_var(&cols[c], NULL, 0) < 0) goto nomem;
+                } else { fail("unknown tuple column kind"); goto fail; }
+            }
+            continue;
+        }
+        for (int c = 0; c < ncols; c++) {
+            PyObject *v = Py_None;
+            if (PyList_Check(vals)) {
+                if (PyList_GET_SIZE(vals) <= c) { PyErr_SetString(PyExc_ValueError, "row too short"); goto fail; }
+                v = PyList_GET_ITEM(vals, c);
+            } else if (vals != Py_None) { PyErr_SetString(PyExc_TypeError, "row values: list, message or None"); goto fail; }
+            if (PyUnicode_Check(v)) {
+                Py_ssize_t l;
+                const char *u = PyUnicode_AsUTF8AndSize(v, &l);
+                if (!u) goto fail;
+                if (set_valid(&cols[c], r, 1) < 0 || put_var(&cols[c], (const unsigned char *)u, (int32_t)l) < 0) goto nomem;
+            } else if (set_valid(&cols[c], r, 0) < 0 || put_var(&cols[c], NULL, 0) < 0) goto nomem;
+        }
+    }
+    if (!(out = PyList_New(ncols))) goto fail;
+    for (int c = 0; c < ncols; c++) {
+        PyObject *valid = own(&cols[c].valid), *offs = own(&cols[c].offsets), *data = own(&cols[c].data);
+        PyObject *triple = (valid && offs && data) ? PyTuple_Pack(3, valid, offs, data) : NULL;
+        Py_XDECREF(valid); Py_XDECREF(offs); Py_XDECREF(data);
+        if (!triple) { Py_CLEAR(out); goto fail; }
+        PyList_SET_ITEM(out, c, triple);
+    }
+    PyMem_Free(cols);
+    return out;
+nomem:
+    PyErr_NoMemory();
+fail:
+    for (int c = 0; c < ncols; c++) { buf_free(&cols[c].valid); buf_free(&cols[c].offsets); buf_free(&cols[c].data); }
+    PyMem_Free(cols);
+    return NULL;
+}
+
 static PyObject *configure(PyObject *self, PyObject *args) {
     PyObject *unchanged, *error, *needs_text = NULL;
     if (!PyArg_ParseTuple(args, "OO|O", &unchanged, &error, &needs_text)) return NULL;
@@ -841,6 +972,7 @@ static PyMethodDef methods[] = {
     {"replication_read", replication_read, METH_VARARGS, "Read replication stream messages from a psycopg2 connection's libpq handle."},
     {"replication_status", replication_status, METH_VARARGS, "Send a standby status update on a replication connection."},
     {"fold_changes", fold_changes, METH_VARARGS, "Fold Insert/Update/Delete messages into pending dicts."},
+    {"stage_values", stage_values, METH_VARARGS, "Arrow large_string columns from folded entries (lists or messages)."},
     {"text_columns", text_columns, METH_VARARGS, "Arrow large_string columns from rows of str/None."},
     {"configure", configure, METH_VARARGS, "Set the UNCHANGED marker, DecodeError and NeedsText types."},
     {NULL, NULL, 0, NULL},

@@ -47,12 +47,15 @@ UPSERT, DELETE = 0, 1
 _JSON = pa.json_(pa.large_string())
 
 
-# a folded change: (op, values, lookup) — lookup: the key whose target row supplies
-# unchanged values (None: the row's own).  A plain tuple: one is made per change.
-Entry = tuple[int, "list[pgoutput.Value] | None", Any]
+# a folded change: (op, values, lookup[, offset]) — lookup: the key whose target row
+# supplies unchanged values (None: the row's own).  values: a list, or (as the C fold
+# keeps them) the pgoutput message itself with its TupleData at ``offset``: a row
+# then costs no Python object per value.  A plain tuple: one is made per change.
+Entry = tuple[Any, ...]
 OP: Final = 0
 VALUES: Final = 1
 LOOKUP: Final = 2
+OFFSET: Final = 3
 # what the fold of the common changes needs per relid: (pending dict, key positions)
 FoldSpec = tuple[dict[Any, Entry], tuple[int, ...]]
 
@@ -144,8 +147,9 @@ class TableApplier:
             self.pending[key] = (UPSERT, new, None)
 
     def _merge(self, new: list[pgoutput.Value], prior: Entry, lookup: Any) -> Entry:
-        assert prior[VALUES] is not None
-        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, prior[VALUES], strict=False)]
+        before = entry_values(prior)
+        assert before is not None
+        merged = [p if v is pgoutput.UNCHANGED else v for v, p in zip(new, before, strict=False)]
         if pgoutput.UNCHANGED in merged:
             self.has_unchanged = True
             return (UPSERT, merged, prior[LOOKUP] or lookup)
@@ -179,7 +183,7 @@ class TableApplier:
         if pgoutput.SPEEDUPS and not self.has_unchanged:  # the usual case, in C
             for j, arr in enumerate(_text_arrays(keys, 0 if nkey == 1 else nkey)):
                 arrays[f"k{j}"] = arr
-            for i, arr in enumerate(_text_arrays([e[VALUES] for e in entries], ncols)):
+            for i, arr in enumerate(_staged_arrays(entries, ncols)):
                 if cols[i].duck_type == "JSON" and cols[i].pg_base == "jsonb":
                     # PostgreSQL only sends valid jsonb: no need for DuckDB to parse it again
                     arr = pa.ExtensionArray.from_storage(_JSON, arr)
@@ -187,7 +191,7 @@ class TableApplier:
         else:
             key_cols = split(keys)
             nulls = [None] * ncols
-            rows = [e[VALUES] if e[VALUES] is not None else nulls for e in entries]
+            rows = [entry_values(e) or nulls for e in entries]
             val_cols: list[Any] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(ncols)]
             arrays.update({f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)})
             if self.has_unchanged:
@@ -419,28 +423,43 @@ def _py_fold_changes(msgs: list[bytes], start: int, tables: dict[int, FoldSpec],
     message it leaves to :class:`TableApplier` (another message type, another
     relid, an unchanged-TOAST marker, a key change) and after a change that
     brings a pending dict to ``limit`` entries.  The same fold as
-    ``TableApplier.insert/update/delete`` for those cases; ``_speedups.fold_changes``
-    (C, one call per batch instead of several per change) replaces it when built.
+    ``TableApplier.insert/update/delete`` for those cases, except that a row
+    that stays is kept as its message (see ``Entry``); ``_speedups.fold_changes``
+    (C, one call per run of changes instead of several per change) replaces it
+    when built.
     """
     i, folded = start, 0
     while i < len(msgs):
-        change = pgoutput.decode_change(msgs[i])
-        if change is None:
+        data = msgs[i]
+        tag = data[0] if len(data) >= 6 else 0
+        if tag not in (0x49, 0x55, 0x44):
             break
-        tag, relid, new, old, _, unchanged = change
-        spec = tables.get(relid)
-        if spec is None or (old is not None and pgoutput.UNCHANGED in old):
+        spec = tables.get(int.from_bytes(data[1:5], "big"))
+        if spec is None:
             break
         pending, pos = spec
+        at, marker = 6, data[5]
+        old: list[pgoutput.Value] | None = None
+        if tag != 0x49 and marker in (0x4B, 0x4F):  # 'K', 'O'
+            old, at = pgoutput.read_tuple(data, at)
+            if pgoutput.UNCHANGED in old:
+                break
+            if tag == 0x55:
+                if at >= len(data):
+                    raise pgoutput.DecodeError("update without new tuple")
+                marker, at = data[at], at + 1
         if tag == 0x44:
-            assert old is not None
+            if old is None:
+                raise pgoutput.DecodeError("delete without old tuple")
             pending[_fold_key(old, pos)] = (DELETE, None, None)
         else:
-            assert new is not None
+            if marker != 0x4E:  # 'N'
+                raise pgoutput.DecodeError("insert without new tuple" if tag == 0x49 else "update without new tuple")
+            new, _ = pgoutput.read_tuple(data, at)
             key = _fold_key(new, pos)
-            if unchanged or (old is not None and _fold_key(old, pos) != key):
+            if pgoutput.UNCHANGED in new or (old is not None and _fold_key(old, pos) != key):
                 break
-            pending[key] = (UPSERT, new, None)
+            pending[key] = (UPSERT, data, None, at)
         folded += 1
         i += 1
         if len(pending) >= limit:
@@ -454,6 +473,25 @@ if pgoutput.SPEEDUPS:
     fold_changes: Callable[[list[bytes], int, dict[int, FoldSpec], int], tuple[int, int]] = _fold_speedups.fold_changes
 else:  # pragma: no cover - exercised where no C compiler was available
     fold_changes = _py_fold_changes
+
+
+def entry_values(entry: Entry) -> list[pgoutput.Value] | None:
+    """The row of a folded change as a list (decoded if the fold kept the message)."""
+    values = entry[VALUES]
+    if isinstance(values, bytes):
+        return pgoutput.read_tuple(values, entry[OFFSET])[0]
+    return values  # type: ignore[no-any-return]
+
+
+def _staged_arrays(entries: list[Entry], ncols: int) -> list[pa.Array]:
+    """Arrow string columns of the folded rows, in C (messages are read without Python objects)."""
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
+
+    n = len(entries)
+    return [
+        pa.Array.from_buffers(pa.large_string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)])
+        for valid, offsets, data in _speedups.stage_values(entries, ncols)
+    ]
 
 
 def _text_arrays(rows: list[Any], ncols: int) -> list[pa.Array]:

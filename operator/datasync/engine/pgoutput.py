@@ -208,6 +208,11 @@ def _tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
     return values, pos
 
 
+def read_tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
+    """The TupleData at ``pos``: (values, position after it)."""
+    return _tuple(buf, pos)
+
+
 def decode(data: bytes, *, in_stream: bool = False, proto_version: int = 1) -> Message:
     """Decode one pgoutput message.
 
