@@ -33,3 +33,11 @@ class TargetError(DataSyncError):
     """The DuckDB target cannot be used (locked, unreadable, incompatible)."""
 
     exit_code = 3
+
+
+def value_out_of_range(what: str, detail: str, consequence: str) -> TargetError:
+    """A value DuckDB's type cannot hold (in practice: timestamps past DuckDB's end)."""
+    return TargetError(
+        f"{what}: {detail}",
+        f"DuckDB's TIMESTAMP/TIMESTAMPTZ end at 294247-01-10 (PostgreSQL's at 294276); {consequence}",
+    )

@@ -255,10 +255,10 @@ class TableApplier:
                 )
         except duckdb.ConversionException as exc:
             # the batch's transaction is rolled back and resent after a fix: nothing is lost
-            raise errors.TargetError(
-                f"{self.state.source}: a changed value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
-                "DuckDB's TIMESTAMP/TIMESTAMPTZ end at 294247-01-10 (PostgreSQL's at 294276); the stream stops before "
-                "this transaction (nothing is lost or skipped) and retries it on every restart",
+            raise errors.value_out_of_range(
+                str(self.state.source),
+                f"a changed value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
+                "the stream stops before this transaction (nothing is lost or skipped) and retries it on every restart",
             ) from None
         finally:
             self.con.unregister("_ds_stage")

@@ -260,10 +260,11 @@ class _Loader:
         try:
             self.con.execute(self.inserts[self.shape])
         except duckdb.ConversionException as exc:
-            raise errors.TargetError(
-                f"{self.table.name}: a value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
-                "DuckDB's TIMESTAMP/TIMESTAMPTZ end at 294247-01-10 (PostgreSQL's at 294276): fix or exclude "
-                "the value at the source; the table's partial snapshot is not swapped in, a later run starts it over",
+            raise errors.value_out_of_range(
+                str(self.table.name),
+                f"a value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
+                "fix or exclude the value at the source; the table's partial snapshot is not swapped in, "
+                "a later run starts it over",
             ) from None
         finally:
             self.con.unregister("_datasync_chunk")
