@@ -204,6 +204,7 @@ class Prefetched:
         self._status = False
         self._closing = threading.Event()
         self._max_bytes, self._batch, self._poll = max_bytes, batch, poll
+        self._pushed_end = -1  # the wal_end handed to the consumer last
         self._thread = threading.Thread(target=self._run, name="wal-reader", daemon=True)
         self._thread.start()
 
@@ -222,6 +223,9 @@ class Prefetched:
                 self._send_pending()
                 # short waits: close() joins this thread, and a --once run ends with it
                 msgs = self.stream.read(self._batch, min(self._poll, 0.02))
+                if not msgs and self.stream.wal_end == self._pushed_end:
+                    continue  # nothing new for the consumer: let it sleep
+                self._pushed_end = self.stream.wal_end
                 size = sum(map(len, msgs))
                 with self._cond:
                     if not msgs and self._items and not self._items[-1][0]:
