@@ -184,19 +184,25 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
     slot = "bench_cdc"
     syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')")
-        conn.execute("SELECT pg_create_logical_replication_slot('bench_raw_py', 'pgoutput')")
+        for raw_slot in ("bench_raw", "bench_raw_after", "bench_raw_py"):
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (raw_slot,))
     console.print("[bold]CDC: writing 270k changes (slot holds them)…")
     generate_changes(dsn, name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         upto = replication.wait_flushed(conn)
     n_raw, raw_s = raw_receive(dsn, "bench_raw", slot, upto)
     n_py, py_s = raw_receive(dsn, "bench_raw_py", slot, upto, native=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_drop_replication_slot('bench_raw'), pg_drop_replication_slot('bench_raw_py')")
     started = time.perf_counter()
     res = syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot, batch_changes=100_000))
     ours_s = time.perf_counter() - started
+    # the source limit again, after us: the first reader of the WAL pays for a cold cache
+    n_after, after_s = raw_receive(dsn, "bench_raw_after", slot, upto)
+    console.print(f"raw receive: {n_raw / raw_s:,.0f}/s before ours, {n_after / after_s:,.0f}/s after (best used)")
+    if n_after / after_s > n_raw / raw_s:
+        n_raw, raw_s = n_after, after_s
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for raw_slot in ("bench_raw", "bench_raw_after", "bench_raw_py"):
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (raw_slot,))
     assert common.fingerprint_duck(path, f"public.{name}") == common.fingerprint_pg(dsn, name), "CDC copy differs"
     changes = res.stats.changes
     naive = naive_rate(path, name, dsn)
