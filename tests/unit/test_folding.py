@@ -126,3 +126,18 @@ def test_staging_reads_messages_and_lists_alike() -> None:
     assert columns == [["1", "2", None, "4", None], ["é", None, None, "x", None]]
     with pytest.raises(po.DecodeError):
         _speedups.stage_values([(0, ins(5, "1", "a", "extra"), None, 6)], 2)
+
+
+@pytest.mark.parametrize("fold", FOLDS)
+def test_wide_keys_of_keyless_tables(fold: Any) -> None:
+    """REPLICA IDENTITY FULL without a key: every column is the key (more than fit the C fast buffers)."""
+    pending: dict[Any, Any] = {}
+    width = 12
+    row = [str(i) for i in range(width)]
+    changed = [*row[:-1], "new"]
+    msgs = [ins(5, *row), upd(5, *changed, old=(b"O", tuple(row))), dele(5, *changed, marker=b"O")]
+    spec = {5: (pending, tuple(range(width)))}
+    assert fold(msgs, 0, spec, 100) == (1, 1)  # an update of a keyless row changes its key: the applier's
+    assert rows(pending) == {tuple(row): (0, row)}
+    assert fold(msgs, 2, spec, 100) == (3, 1)
+    assert rows(pending) == {tuple(row): (0, row), tuple(changed): (1, None)}
