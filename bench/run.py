@@ -30,7 +30,7 @@ from datasync.sources import embedded, receiving, replication
 
 console = Console(width=150)
 
-ROUNDS = 2  # snapshot runs of each tool, alternating
+ROUNDS = 3  # snapshot runs of each tool, alternating (this machine drifts: best of three)
 
 SCANNER = """
 import sys, duckdb, duckdb_extension_postgres, os, glob
