@@ -8,6 +8,10 @@ and transactions whose commit LSN is below the stored LSN are skipped, so
 nothing is lost or applied twice.  A table snapshotted at LSN S skips changes
 committed before S: its snapshot already holds them.
 
+Runs of ordinary row changes are folded by one C call (``applying.fold_changes``)
+instead of a Python call per change; everything else (transaction boundaries,
+Relation, Truncate, key changes, unchanged TOAST) goes through the loop below.
+
 Large transactions are applied in pieces inside the still-open DuckDB
 transaction, so memory stays bounded while the commit stays atomic.  A schema
 change mid-transaction commits a *partial* checkpoint (commit LSN + number of
