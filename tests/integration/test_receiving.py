@@ -3,12 +3,16 @@ confirmations reach the slot, and keepalive requests are answered."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
+from pathlib import Path
 
 import psycopg
 
-from datasync.engine import pgoutput
+from datasync.engine import pgoutput, streaming
 from datasync.sources import receiving, replication
+from datasync.targets import duckfile
 from tests import helpers
 
 
@@ -99,3 +103,35 @@ def test_a_confirmation_still_owed_is_sent_on_close(pg: helpers.Source) -> None:
     stream.close()
     (flushed,) = pg.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's_owed'")[0]
     assert pgoutput.parse_lsn(flushed) == ends[-1]
+
+
+def test_a_recorded_stream_replays_into_the_copy(pg: helpers.Source, tmp_path: Path) -> None:
+    """The apply takes its stream injected: changes recorded from a slot and played back land exactly."""
+    pg.execute("CREATE TABLE r (id int PRIMARY KEY, v text); INSERT INTO r SELECT g, 'v' || g FROM generate_series(1, 500) g")
+    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
+    res = helpers.sync_once(pg, live, "r")
+    shutil.copy(live, replayed)
+    pg.execute("SELECT pg_create_logical_replication_slot('s_rec', 'pgoutput')")
+    pg.execute("UPDATE r SET v = v || '!' WHERE id % 2 = 0; DELETE FROM r WHERE id % 5 = 0; "
+               "INSERT INTO r SELECT g, 'n' FROM generate_series(501, 700) g")
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        upto = replication.wait_flushed(conn)
+    stream = receiving.Stream(pg.dsn, "s_rec", res.publication)
+    reads: list[tuple[list[bytes], int]] = []
+    try:
+        while not reads or reads[-1][0] or reads[-1][1] < upto:
+            reads.append((stream.read(1000, 0.1), stream.wal_end))
+            stream.request_status()
+    finally:
+        stream.close()
+    target = duckfile.DuckTarget(replayed)
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as control:
+            stats = streaming.ChangeStream(
+                dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
+                states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto),
+            ).run(upto, threading.Event())
+    finally:
+        target.close()
+    assert stats.changes == 250 + 100 + 200
+    assert helpers.assert_same(pg, replayed, "r") == 600

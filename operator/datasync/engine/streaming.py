@@ -79,8 +79,12 @@ class ChangeStream:
         poll_seconds: float = 0.1,
         on_batch: Callable[[Stats], None] | None = None,
         pins: pinning.Pins | None = None,
+        open_stream: Callable[[], receiving.Source] | None = None,
     ) -> None:
         self.dsn = dsn
+        # how the stream is opened: the slot by default; a recorded stream to
+        # measure or test the apply alone (injected, not monkeypatched)
+        self.open_stream = open_stream or (lambda: receiving.Stream(dsn, slot, publication))
         self.control = control
         self.target = target
         self.slot = slot
@@ -107,8 +111,7 @@ class ChangeStream:
     # -- the loop --------------------------------------------------------------
     def run(self, until: int | None, stop: threading.Event) -> Stats:
         """Stream until ``until`` is reached (``--once``) or ``stop`` is set (``--follow``)."""
-        stream = self._stream = receiving.Prefetched(receiving.Stream(self.dsn, self.slot, self.publication),
-                                                     poll=self.poll_seconds)
+        stream = self._stream = receiving.Prefetched(self.open_stream(), poll=self.poll_seconds)
         in_txn = False
         skip_txn = False
         skip_upto = 0

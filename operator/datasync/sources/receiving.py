@@ -26,7 +26,7 @@ import select
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg2
 import psycopg2._psycopg
@@ -48,6 +48,51 @@ def _guarded() -> Iterator[None]:
         yield
     except (psycopg2.DatabaseError, OSError) as exc:
         raise StreamLost(f"replication stream lost: {str(exc).strip() or type(exc).__name__}") from None
+
+
+class Source(Protocol):
+    """What :class:`Prefetched` reads from: a :class:`Stream`, or a recording of one."""
+
+    @property
+    def wal_end(self) -> int: ...
+
+    def read(self, max_messages: int, timeout: float) -> list[bytes]: ...
+
+    def confirm(self, lsn: int, *, force: bool = False) -> None: ...
+
+    def request_status(self, min_interval: float = 0.05) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Recorded:
+    """A stream played back from memory: ``reads`` as (messages, wal_end) pairs, as
+    :class:`Stream` returned them; then ``end`` is reported as the server position.
+
+    Why: it measures (and tests) the apply alone, without a walsender sharing the CPU.
+    """
+
+    def __init__(self, reads: list[tuple[list[bytes], int]], end: int) -> None:
+        self._reads, self._end, self._next = reads, end, 0
+        self.wal_end = 0
+
+    def read(self, max_messages: int, timeout: float) -> list[bytes]:
+        if self._next < len(self._reads):
+            msgs, self.wal_end = self._reads[self._next]
+            self._next += 1
+            return list(msgs)
+        self.wal_end = self._end
+        time.sleep(timeout)  # as a quiet server would
+        return []
+
+    def confirm(self, lsn: int, *, force: bool = False) -> None:
+        pass
+
+    def request_status(self, min_interval: float = 0.05) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _native() -> Any:
@@ -192,7 +237,7 @@ class Prefetched:
     the thread is.
     """
 
-    def __init__(self, stream: Stream, *, max_bytes: int = 64 << 20, batch: int = 10_000, poll: float = 0.1) -> None:
+    def __init__(self, stream: Source, *, max_bytes: int = 64 << 20, batch: int = 10_000, poll: float = 0.1) -> None:
         self.stream = stream
         self.wal_end = stream.wal_end
         self._items: collections.deque[tuple[list[bytes], int, int]] = collections.deque()  # (msgs, wal_end, bytes)
