@@ -27,38 +27,64 @@ static PyObject *fail(const char *msg) {
     return NULL;
 }
 
+/* TupleData, one step at a time: the column count, then each column's kind and
+ * (for 't'/'b') its bytes.  Every walker of a tuple (parse_tuple, the fold's key
+ * scan, the stager) goes through these two, so the bounds checks live here once.
+ * Both return 0, or -1 with DecodeError set. */
+static int tuple_count(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *at, Py_ssize_t *n) {
+    if (*at < 0 || *at + 2 > len) { fail("truncated tuple header"); return -1; }
+    int16_t cnt = (int16_t)(((uint16_t)buf[*at] << 8) | buf[*at + 1]);
+    *at += 2;
+    if (cnt < 0) { fail("negative column count"); return -1; }
+    *n = cnt;
+    return 0;
+}
+
+static int tuple_value(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *at, unsigned char *kind,
+                       const unsigned char **v, int32_t *l) {
+    if (*at >= len) { fail("truncated tuple"); return -1; }
+    *kind = buf[(*at)++];
+    *v = NULL;
+    *l = 0;
+    if (*kind == 't' || *kind == 'b') {
+        if (*at + 4 > len) { fail("truncated value length"); return -1; }
+        *l = (int32_t)rd32(buf + *at);
+        *at += 4;
+        if (*l < 0 || *at + *l > len) { fail("truncated value"); return -1; }
+        *v = buf + *at;
+        *at += *l;
+    } else if (*kind != 'n' && *kind != 'u') {
+        fail("unknown tuple column kind");
+        return -1;
+    }
+    return 0;
+}
+
+/* the Python value of one column: str ('t'), bytes ('b'), None, or the UNCHANGED marker */
+static PyObject *value_object(unsigned char kind, const unsigned char *v, int32_t l) {
+    if (kind == 't') return PyUnicode_DecodeUTF8((const char *)v, l, "strict");
+    if (kind == 'b') return PyBytes_FromStringAndSize((const char *)v, l);
+    PyObject *o = kind == 'u' ? UNCHANGED : Py_None;
+    Py_INCREF(o);
+    return o;
+}
+
 static PyObject *parse_tuple(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *pos, int *unchanged) {
-    if (*pos + 2 > len) return fail("truncated tuple header");
-    int16_t n = (int16_t)(((uint16_t)buf[*pos] << 8) | buf[*pos + 1]);
-    *pos += 2;
-    if (n < 0) return fail("negative column count");
+    Py_ssize_t n;
+    if (tuple_count(buf, len, pos, &n) < 0) return NULL;
     PyObject *list = PyList_New(n);
     if (!list) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (*pos >= len) { Py_DECREF(list); return fail("truncated tuple"); }
-        unsigned char kind = buf[(*pos)++];
-        PyObject *v;
-        if (kind == 't' || kind == 'b') {
-            if (*pos + 4 > len) { Py_DECREF(list); return fail("truncated value length"); }
-            int32_t l = (int32_t)rd32(buf + *pos);
-            *pos += 4;
-            if (l < 0 || *pos + l > len) { Py_DECREF(list); return fail("truncated value"); }
-            if (kind == 't')
-                v = PyUnicode_DecodeUTF8((const char *)buf + *pos, l, "strict");
-            else
-                v = PyBytes_FromStringAndSize((const char *)buf + *pos, l);
-            if (!v) { Py_DECREF(list); return NULL; }
-            *pos += l;
-        } else if (kind == 'n') {
-            v = Py_None; Py_INCREF(v);
-        } else if (kind == 'u') {
-            v = UNCHANGED; Py_INCREF(v);
-            *unchanged = 1;
-        } else {
+        unsigned char kind;
+        const unsigned char *v;
+        int32_t l;
+        PyObject *o;
+        if (tuple_value(buf, len, pos, &kind, &v, &l) < 0 || !(o = value_object(kind, v, l))) {
             Py_DECREF(list);
-            return fail("unknown tuple column kind");
+            return NULL;
         }
-        PyList_SET_ITEM(list, i, v);
+        if (kind == 'u') *unchanged = 1;
+        PyList_SET_ITEM(list, i, o);
     }
     return list;
 }
@@ -130,40 +156,22 @@ static PyObject *ZERO = NULL, *DELETED = NULL;
 static int scan_key(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *at, const Py_ssize_t *kp, Py_ssize_t nk,
                     PyObject **key, int *unchanged) {
     *key = NULL;
-    if (*at + 2 > len) { fail("truncated tuple header"); return -1; }
-    int16_t n = (int16_t)(((uint16_t)buf[*at] << 8) | buf[*at + 1]);
-    *at += 2;
-    if (n < 0) { fail("negative column count"); return -1; }
+    Py_ssize_t n;
+    if (tuple_count(buf, len, at, &n) < 0) return -1;
     PyObject *vals[8];
     PyObject **kv = nk <= 8 ? vals : PyMem_Calloc((size_t)nk, sizeof(PyObject *));
     if (!kv) { PyErr_NoMemory(); return -1; }
     for (Py_ssize_t j = 0; j < nk; j++) kv[j] = NULL;
     int rc = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (*at >= len) { fail("truncated tuple"); goto out; }
-        unsigned char kind = buf[(*at)++];
-        const unsigned char *v = NULL;
-        int32_t l = 0;
-        if (kind == 't' || kind == 'b') {
-            if (*at + 4 > len) { fail("truncated value length"); goto out; }
-            l = (int32_t)rd32(buf + *at);
-            *at += 4;
-            if (l < 0 || *at + l > len) { fail("truncated value"); goto out; }
-            v = buf + *at;
-            *at += l;
-        } else if (kind == 'u') {
-            *unchanged = 1;
-        } else if (kind != 'n') {
-            fail("unknown tuple column kind");
-            goto out;
-        }
+        unsigned char kind;
+        const unsigned char *v;
+        int32_t l;
+        if (tuple_value(buf, len, at, &kind, &v, &l) < 0) goto out;
+        if (kind == 'u') *unchanged = 1;
         for (Py_ssize_t j = 0; j < nk; j++) {
             if (kp[j] != i) continue;
-            PyObject *o;
-            if (kind == 't') o = PyUnicode_DecodeUTF8((const char *)v, l, "strict");
-            else if (kind == 'b') o = PyBytes_FromStringAndSize((const char *)v, l);
-            else if (kind == 'u') { o = UNCHANGED; Py_INCREF(o); }
-            else { o = Py_None; Py_INCREF(o); }
+            PyObject *o = value_object(kind, v, l);
             if (!o) goto out;
             Py_XDECREF(kv[j]);
             kv[j] = o;
@@ -826,70 +834,98 @@ static PyObject *replication_status(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Arrow large_string columns built row by row: ``ncols`` of them, handed to Python as
+ * [(validity, offsets, data), ...] (the buffers are given to Arrow, not copied). */
+static Col *strings_new(int ncols) {
+    Col *cols = PyMem_Calloc((size_t)ncols, sizeof(Col));
+    if (!cols) { PyErr_NoMemory(); return NULL; }
+    int64_t zero = 0;
+    for (int c = 0; c < ncols; c++)
+        if (buf_put(&cols[c].offsets, &zero, 8) < 0) {
+            for (int k = 0; k <= c; k++) buf_free(&cols[k].offsets);
+            PyMem_Free(cols);
+            PyErr_NoMemory();
+            return NULL;
+        }
+    return cols;
+}
+
+static void strings_free(Col *cols, int ncols) {
+    for (int c = 0; c < ncols; c++) { buf_free(&cols[c].valid); buf_free(&cols[c].offsets); buf_free(&cols[c].data); }
+    PyMem_Free(cols);
+}
+
+/* row ``r`` of column ``c``: the bytes ``v`` (NULL: a null) */
+static int strings_put(Col *c, Py_ssize_t r, const unsigned char *v, int32_t l) {
+    if (set_valid(c, r, v != NULL) < 0 || put_var(c, v, v ? l : 0) < 0) { PyErr_NoMemory(); return -1; }
+    return 0;
+}
+
+/* a str as UTF-8, anything else (None, the unchanged-TOAST marker) as null */
+static int strings_put_object(Col *c, Py_ssize_t r, PyObject *v) {
+    if (!PyUnicode_Check(v)) return strings_put(c, r, NULL, 0);
+    Py_ssize_t l;
+    const char *u = PyUnicode_AsUTF8AndSize(v, &l);
+    return u ? strings_put(c, r, (const unsigned char *)u, (int32_t)l) : -1;
+}
+
+/* takes the buffers (frees them on failure) */
+static PyObject *strings_result(Col *cols, int ncols) {
+    PyObject *out = PyList_New(ncols);
+    for (int c = 0; out && c < ncols; c++) {
+        PyObject *valid = own(&cols[c].valid), *offs = own(&cols[c].offsets), *data = own(&cols[c].data);
+        PyObject *triple = (valid && offs && data) ? PyTuple_Pack(3, valid, offs, data) : NULL;
+        Py_XDECREF(valid); Py_XDECREF(offs); Py_XDECREF(data);
+        if (!triple) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, c, triple);
+    }
+    strings_free(cols, ncols);  /* what own() took is already gone from here */
+    return out;
+}
+
 /* text_columns(rows, ncols) -> [(validity, offsets, data), ...]: Arrow large_string
- * columns from the CDC fold's rows (lists of str/None; None as a row: all null; any
- * other value, e.g. the unchanged-TOAST marker, is null).  ncols == 0: each row is
- * one value.  Why: transposing 100k rows in Python and converting each column with
- * pa.array cost more than DuckDB's whole apply of the batch. */
+ * columns from rows of str/None (lists or tuples; None as a row: all null; any other
+ * value, e.g. the unchanged-TOAST marker, is null).  ncols == 0: each row is one
+ * value (the fold's keys).  Why: transposing 100k rows in Python and converting each
+ * column with pa.array cost more than DuckDB's whole apply of the batch. */
 static PyObject *text_columns(PyObject *self, PyObject *args) {
     PyObject *rows;
     int ncols;
     if (!PyArg_ParseTuple(args, "O!i", &PyList_Type, &rows, &ncols)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(rows);
     int width = ncols ? ncols : 1;
-    PyObject *out = PyList_New(width);
-    if (!out) return NULL;
-    for (int c = 0; c < width; c++) {
-        Col col;
-        memset(&col, 0, sizeof col);
-        int64_t zero = 0;
-        if (buf_put(&col.offsets, &zero, 8) < 0) goto nomem;
-        for (Py_ssize_t r = 0; r < n; r++) {
-            PyObject *row = PyList_GET_ITEM(rows, r), *v;
+    Col *cols = strings_new(width);
+    if (!cols) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(rows);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *row = PyList_GET_ITEM(rows, r);
+        for (int c = 0; c < width; c++) {
+            PyObject *v;
             if (!ncols) v = row;
             else if (row == Py_None) v = Py_None;
             else if (PyList_Check(row) && PyList_GET_SIZE(row) > c) v = PyList_GET_ITEM(row, c);
             else if (PyTuple_Check(row) && PyTuple_GET_SIZE(row) > c) v = PyTuple_GET_ITEM(row, c);
             else { PyErr_SetString(PyExc_ValueError, "row too short"); goto fail; }
-            if (PyUnicode_Check(v)) {
-                Py_ssize_t len;
-                const char *u = PyUnicode_AsUTF8AndSize(v, &len);
-                if (!u) goto fail;
-                if (set_valid(&col, r, 1) < 0 || put_var(&col, (const unsigned char *)u, (int32_t)len) < 0) goto nomem;
-            } else if (set_valid(&col, r, 0) < 0 || put_var(&col, NULL, 0) < 0) goto nomem;
+            if (strings_put_object(&cols[c], r, v) < 0) goto fail;
         }
-        PyObject *valid = own(&col.valid), *offs = own(&col.offsets), *data = own(&col.data);
-        PyObject *triple = (valid && offs && data) ? PyTuple_Pack(3, valid, offs, data) : NULL;
-        Py_XDECREF(valid); Py_XDECREF(offs); Py_XDECREF(data);
-        if (!triple) { Py_DECREF(out); return NULL; }
-        PyList_SET_ITEM(out, c, triple);
-        continue;
-    nomem:
-        PyErr_NoMemory();
-    fail:
-        buf_free(&col.valid); buf_free(&col.offsets); buf_free(&col.data);
-        Py_DECREF(out);
-        return NULL;
     }
-    return out;
+    return strings_result(cols, width);
+fail:
+    strings_free(cols, width);
+    return NULL;
 }
 
 /* stage_values(entries, ncols) -> [(validity, offsets, data), ...]: Arrow large_string
  * columns of the folded rows.  An entry's values are None (a deleted row: all null),
  * a list of str/None (other values: null), or a pgoutput message whose TupleData
  * starts at entry[3] (as fold_changes keeps them): values are copied from it
- * without becoming Python objects.  Row-major: each row is walked once. */
+ * without becoming Python objects. */
 static PyObject *stage_values(PyObject *self, PyObject *args) {
     PyObject *entries;
     int ncols;
     if (!PyArg_ParseTuple(args, "O!i", &PyList_Type, &entries, &ncols)) return NULL;
     if (ncols < 1) { PyErr_SetString(PyExc_ValueError, "ncols must be positive"); return NULL; }
-    Col *cols = PyMem_Calloc((size_t)ncols, sizeof(Col));
-    if (!cols) return PyErr_NoMemory();
-    PyObject *out = NULL;
-    int64_t zero = 0;
-    for (int c = 0; c < ncols; c++)
-        if (buf_put(&cols[c].offsets, &zero, 8) < 0) goto nomem;
+    Col *cols = strings_new(ncols);
+    if (!cols) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(entries);
     for (Py_ssize_t r = 0; r < n; r++) {
         PyObject *e = PyList_GET_ITEM(entries, r);
@@ -897,59 +933,36 @@ static PyObject *stage_values(PyObject *self, PyObject *args) {
         PyObject *vals = PyTuple_GET_ITEM(e, 1);
         if (PyBytes_Check(vals)) {
             if (PyTuple_GET_SIZE(e) < 4) { PyErr_SetString(PyExc_TypeError, "a message entry needs its offset"); goto fail; }
-            Py_ssize_t at = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 3));
+            Py_ssize_t at = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 3)), cnt;
             if (at < 0 && PyErr_Occurred()) goto fail;
             const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(vals);
             Py_ssize_t len = PyBytes_GET_SIZE(vals);
-            if (at < 0 || at + 2 > len) { fail("truncated tuple header"); goto fail; }
-            int16_t cnt = (int16_t)(((uint16_t)buf[at] << 8) | buf[at + 1]);
-            at += 2;
+            if (tuple_count(buf, len, &at, &cnt) < 0) goto fail;
             if (cnt != ncols) { fail("tuple column count differs from the table's"); goto fail; }
             for (int c = 0; c < ncols; c++) {
-                if (at >= len) { fail("truncated tuple"); goto fail; }
-                unsigned char kind = buf[at++];
-                if (kind == 't' || kind == 'b') {
-                    if (at + 4 > len) { fail("truncated value length"); goto fail; }
-                    int32_t l = (int32_t)rd32(buf + at);
-                    at += 4;
-                    if (l < 0 || at + l > len) { fail("truncated value"); goto fail; }
-                    if (set_valid(&cols[c], r, 1) < 0 || put_var(&cols[c], buf + at, l) < 0) goto nomem;
-                    at += l;
-                } else if (kind == 'n' || kind == 'u') {
-                    if (set_valid(&cols[c], r, 0) < 0 || put_var(&cols[c], NULL, 0) < 0) goto nomem;
-                } else { fail("unknown tuple column kind"); goto fail; }
+                unsigned char kind;
+                const unsigned char *v;
+                int32_t l;
+                if (tuple_value(buf, len, &at, &kind, &v, &l) < 0 || strings_put(&cols[c], r, v, l) < 0) goto fail;
             }
             continue;
         }
+        if (vals != Py_None && !PyList_Check(vals)) {
+            PyErr_SetString(PyExc_TypeError, "row values: list, message or None");
+            goto fail;
+        }
         for (int c = 0; c < ncols; c++) {
             PyObject *v = Py_None;
-            if (PyList_Check(vals)) {
+            if (vals != Py_None) {
                 if (PyList_GET_SIZE(vals) <= c) { PyErr_SetString(PyExc_ValueError, "row too short"); goto fail; }
                 v = PyList_GET_ITEM(vals, c);
-            } else if (vals != Py_None) { PyErr_SetString(PyExc_TypeError, "row values: list, message or None"); goto fail; }
-            if (PyUnicode_Check(v)) {
-                Py_ssize_t l;
-                const char *u = PyUnicode_AsUTF8AndSize(v, &l);
-                if (!u) goto fail;
-                if (set_valid(&cols[c], r, 1) < 0 || put_var(&cols[c], (const unsigned char *)u, (int32_t)l) < 0) goto nomem;
-            } else if (set_valid(&cols[c], r, 0) < 0 || put_var(&cols[c], NULL, 0) < 0) goto nomem;
+            }
+            if (strings_put_object(&cols[c], r, v) < 0) goto fail;
         }
     }
-    if (!(out = PyList_New(ncols))) goto fail;
-    for (int c = 0; c < ncols; c++) {
-        PyObject *valid = own(&cols[c].valid), *offs = own(&cols[c].offsets), *data = own(&cols[c].data);
-        PyObject *triple = (valid && offs && data) ? PyTuple_Pack(3, valid, offs, data) : NULL;
-        Py_XDECREF(valid); Py_XDECREF(offs); Py_XDECREF(data);
-        if (!triple) { Py_CLEAR(out); goto fail; }
-        PyList_SET_ITEM(out, c, triple);
-    }
-    PyMem_Free(cols);
-    return out;
-nomem:
-    PyErr_NoMemory();
+    return strings_result(cols, ncols);
 fail:
-    for (int c = 0; c < ncols; c++) { buf_free(&cols[c].valid); buf_free(&cols[c].offsets); buf_free(&cols[c].data); }
-    PyMem_Free(cols);
+    strings_free(cols, ncols);
     return NULL;
 }
 

@@ -412,10 +412,6 @@ def match_columns(
     return pairs, dropped
 
 
-def _fold_key(values: list[pgoutput.Value], pos: tuple[int, ...]) -> Any:
-    return values[pos[0]] if len(pos) == 1 else tuple(values[p] for p in pos)
-
-
 def _py_fold_changes(msgs: list[bytes], start: int, tables: dict[int, FoldSpec], limit: int) -> tuple[int, int]:
     """Fold the common changes of ``msgs[start:]`` into pending dicts; returns (next index, changes folded).
 
@@ -438,6 +434,7 @@ def _py_fold_changes(msgs: list[bytes], start: int, tables: dict[int, FoldSpec],
         if spec is None:
             break
         pending, pos = spec
+        key_of = operator.itemgetter(*pos)  # as TableApplier keys rows: a value, or a tuple of them
         at, marker = 6, data[5]
         old: list[pgoutput.Value] | None = None
         if tag != 0x49 and marker in (0x4B, 0x4F):  # 'K', 'O'
@@ -451,13 +448,13 @@ def _py_fold_changes(msgs: list[bytes], start: int, tables: dict[int, FoldSpec],
         if tag == 0x44:
             if old is None:
                 raise pgoutput.DecodeError("delete without old tuple")
-            pending[_fold_key(old, pos)] = (DELETE, None, None)
+            pending[key_of(old)] = (DELETE, None, None)
         else:
             if marker != 0x4E:  # 'N'
                 raise pgoutput.DecodeError("insert without new tuple" if tag == 0x49 else "update without new tuple")
             new, _ = pgoutput.read_tuple(data, at)
-            key = _fold_key(new, pos)
-            if pgoutput.UNCHANGED in new or (old is not None and _fold_key(old, pos) != key):
+            key = key_of(new)
+            if pgoutput.UNCHANGED in new or (old is not None and key_of(old) != key):
                 break
             pending[key] = (UPSERT, data, None, at)
         folded += 1
@@ -468,9 +465,9 @@ def _py_fold_changes(msgs: list[bytes], start: int, tables: dict[int, FoldSpec],
 
 
 if pgoutput.SPEEDUPS:
-    from datasync.engine import _speedups as _fold_speedups  # type: ignore[attr-defined]
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
 
-    fold_changes: Callable[[list[bytes], int, dict[int, FoldSpec], int], tuple[int, int]] = _fold_speedups.fold_changes
+    fold_changes: Callable[[list[bytes], int, dict[int, FoldSpec], int], tuple[int, int]] = _speedups.fold_changes
 else:  # pragma: no cover - exercised where no C compiler was available
     fold_changes = _py_fold_changes
 
@@ -483,23 +480,19 @@ def entry_values(entry: Entry) -> list[pgoutput.Value] | None:
     return values  # type: ignore[no-any-return]
 
 
-def _staged_arrays(entries: list[Entry], ncols: int) -> list[pa.Array]:
-    """Arrow string columns of the folded rows, in C (messages are read without Python objects)."""
-    from datasync.engine import _speedups  # type: ignore[attr-defined]
-
-    n = len(entries)
+def _strings(columns: list[tuple[Any, Any, Any]], n: int) -> list[pa.Array]:
+    """Arrow large_string arrays over the (validity, offsets, data) buffers the C stagers made."""
     return [
         pa.Array.from_buffers(pa.large_string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)])
-        for valid, offsets, data in _speedups.stage_values(entries, ncols)
+        for valid, offsets, data in columns
     ]
+
+
+def _staged_arrays(entries: list[Entry], ncols: int) -> list[pa.Array]:
+    """The folded rows' values as Arrow string columns (messages are read without Python objects)."""
+    return _strings(_speedups.stage_values(entries, ncols), len(entries))
 
 
 def _text_arrays(rows: list[Any], ncols: int) -> list[pa.Array]:
     """Arrow string columns of ``rows`` (lists of text/None, or None: all null); ``ncols`` 0: one value per row."""
-    from datasync.engine import _speedups  # type: ignore[attr-defined]
-
-    n = len(rows)
-    return [
-        pa.Array.from_buffers(pa.large_string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)])
-        for valid, offsets, data in _speedups.text_columns(rows, ncols)
-    ]
+    return _strings(_speedups.text_columns(rows, ncols), len(rows))
