@@ -232,9 +232,8 @@ class _Loader:
         self.pending_rows += rows.num_rows
         self.uncommitted += rows.num_rows
         if self.pending_rows >= INSERT_ROWS:
-            self.flush(everything=False)
+            self.flush(everything=False)  # leaves less than a row group pending
         if self.uncommitted >= COMMIT_ROWS:
-            self.flush(everything=False)
             self.con.execute("COMMIT")
             self.con.execute("BEGIN TRANSACTION")
             self.uncommitted = 0
