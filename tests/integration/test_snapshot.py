@@ -164,8 +164,8 @@ def test_infinity_falls_back_to_text(pg: helpers.Source, duck_path: str) -> None
     assert helpers.assert_same(pg, duck_path, "public.inf") == 2
 
 
-def test_parallel_loaders_write_whole_row_groups(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
-    """Two loaders insert whole DuckDB row groups; their partial rests land together at the end."""
+def test_snapshot_writes_whole_row_groups(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
+    """DuckDB's threads each write whole row groups; at most one partial one per thread is left."""
     from datasync.engine import snapshotting
 
     monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 64)  # type: ignore[attr-defined]
@@ -178,7 +178,7 @@ def test_parallel_loaders_write_whole_row_groups(pg: helpers.Source, duck_path: 
         "SELECT row_group_id, max(count) FROM pragma_storage_info('public.wide') GROUP BY ALL ORDER BY 1").fetchall()]
     con.close()
     assert sum(groups) == 400_000
-    assert all(n == snapshotting.INSERT_ROWS for n in groups[:-2]), groups  # only the rests are partial, at the end
+    assert len([n for n in groups if n != 122_880]) <= 2, groups  # DuckDB's row group size
 
 
 def test_a_failing_copy_names_the_error_and_keeps_the_connection(pg: helpers.Source) -> None:
@@ -198,5 +198,68 @@ def test_a_failing_copy_names_the_error_and_keeps_the_connection(pg: helpers.Sou
         conn.rollback()
         rows = snapshotting.read_binary(conn, "COPY (SELECT g FROM generate_series(1, 5) g) TO STDOUT (FORMAT binary)", plan)
         assert rows.column(0).to_pylist() == [1, 2, 3, 4, 5]
+    finally:
+        conn.close()
+
+
+def test_a_reader_failing_mid_copy_stops_it_with_its_error(pg: helpers.Source, duck_path: str,
+                                                           monkeypatch: object) -> None:
+    """A reader's error ends the streaming INSERT (no hang) and nothing half-copied is swapped in."""
+    import pytest
+
+    from datasync import errors
+    from datasync.engine import snapshotting
+
+    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 16)  # type: ignore[attr-defined]
+    pg.execute("CREATE TABLE half (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO half SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
+    real, calls = snapshotting.read_binary, []
+
+    def failing(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 5:
+            raise errors.SourceError("reading the snapshot failed: the network went away")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(snapshotting, "read_binary", failing)  # type: ignore[attr-defined]
+    with pytest.raises(errors.SourceError, match="the network went away"):
+        helpers.sync_once(pg, duck_path, "half")
+    con = duckdb.connect(duck_path, read_only=True)
+    try:
+        tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'public'").fetchall()}
+    finally:
+        con.close()
+    assert "half" not in tables, tables
+    monkeypatch.setattr(snapshotting, "read_binary", real)  # type: ignore[attr-defined]
+    helpers.sync_once(pg, duck_path, "half")  # a later run starts over and completes
+    assert helpers.assert_same(pg, duck_path, "public.half") == 50_000
+
+
+def test_decoder_reuses_released_column_buffers(pg: helpers.Source) -> None:
+    """Chunk buffers go back to a pool when Arrow lets go; the next chunk of that size takes them."""
+    from datasync import identifiers
+    from datasync.engine import _speedups, snapshotting  # type: ignore[attr-defined]
+    from datasync.sources import catalog, connecting
+
+    pg.execute("CREATE TABLE pooled (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO pooled SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 40000) g")
+    with connecting.connect(pg.dsn) as ctl:
+        table = catalog.describe(ctl, identifiers.TableName("public", "pooled"))
+    plan = snapshotting.binary_plan(table)
+    assert plan is not None
+    conn = connecting.connect_libpq2(pg.dsn)
+    try:
+        sql = snapshotting._binary_sql(plan, snapshotting.Chunk(table.leaves[0], 0, None))
+        sizes = snapshotting.new_sizes(plan)
+        first = snapshotting.read_binary(conn, sql, plan, sizes)
+        assert sizes[3 * 1 + 1] == sum(len(v) for v in first.column(1).to_pylist())  # v's bytes, as decoded
+        del first
+        taken = _speedups.pool_stats()[0]
+        again = snapshotting.read_binary(conn, sql, plan, sizes)
+        assert _speedups.pool_stats()[0] > taken  # the released buffers were taken again
+        assert again.column(0).to_pylist() == list(range(1, 40001))
+        del again
+        _speedups.pool_trim()
+        assert _speedups.pool_stats()[4] == 0
     finally:
         conn.close()

@@ -13,25 +13,28 @@ Why this shape:
 - Chunks are CTID page ranges of each heap (leaf partitions for partitioned
   tables), read by N reader threads, each in a REPEATABLE READ transaction on
   the *same* exported snapshot: together they see one consistent state.
-- Readers and loaders are separate threads joined by a bounded queue: reading
-  the next chunk overlaps loading the last one, and memory is bounded by
-  (queue size × chunk size), independent of the table's size.  Readers run
-  ``COPY`` through libpq from C (``_speedups.copy_decode``: no Python call per
-  row, no GIL), loaders insert through their own DuckDB connections.
-- DuckDB's cost is compressing row groups; it is paid once, in parallel, only
-  when every insert is whole row groups (``INSERT_ROWS``) and each loader owns
-  its transaction.  Smaller or ragged inserts go through DuckDB's
-  transaction-local storage and are compressed again at commit (measured 40%
-  slower), and a partial row group between full ones is rewritten by the
-  checkpoint: the loaders' partial rests are inserted last, together.
+- Readers and DuckDB are joined by a bounded queue: reading the next chunk
+  overlaps inserting the last one, and memory is bounded by (queue size × chunk
+  size), independent of the table's size.  Readers run ``COPY`` through libpq
+  from C (``_speedups.copy_decode``: no Python call per row, no GIL).
+- The whole table goes into DuckDB as *one* ``INSERT`` over a stream of Arrow
+  batches, the way DuckDB's own postgres_scanner loads: DuckDB's threads pull
+  batches from the queue and each compresses and writes its own row groups as
+  they fill (``write_buffer_row_group_count = 1``; insertion order is not kept,
+  which lets DuckDB insert in parallel and merge the threads' partial row groups
+  into whole ones at the end).  Compressing row groups is DuckDB's main cost.
+  Earlier designs had a DuckDB connection per worker, each committing every few
+  row groups: DuckDB compresses a transaction's unwritten row groups at commit,
+  and commits run one at a time, so the workers queued behind each other and
+  the copy stalled (measured: a CPU core idle for ~0.7 s of a 3 s copy of 1M
+  rows); the Arrow chunks were also held until each commit.
 - jsonb arrives as an ``arrow.json`` column: PostgreSQL only sends valid JSON,
   so DuckDB need not parse every document again.
-- Rows land in a loading table, each loader committing every ``COMMIT_ROWS``
-  rows: DuckDB's memory for one uncommitted transaction grows with its size
-  (measured: 2 GB at 5M rows), periodic commits keep it flat.  The loading
-  table replaces the target table in one transaction at the end, so readers
-  never see a half table and a crash mid-snapshot only leaves a loading table
-  that the next attempt drops.
+- Rows land in a loading table that replaces the target table in one
+  transaction at the end, so readers never see a half table and a crash
+  mid-snapshot only leaves a loading table that the next attempt drops.
+- Chunks that need the text path go through a second connection and
+  transaction of their own, as they come.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import gc
 import io
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import duckdb
@@ -55,11 +58,6 @@ from datasync.sources import catalog, connecting
 from datasync.targets import duckfile
 
 PAGES_PER_CHUNK = 1024
-COMMIT_ROWS = 250_000
-# DuckDB row group: inserts of whole row groups are written once, compressed;
-# smaller or ragged ones go through transaction-local storage and are rewritten
-# at commit and at checkpoint (measured: 2.6 s vs 3.7 s per 1M rows)
-INSERT_ROWS = 122_880
 _DONE = object()  # a thread of the copy ended
 _READ = object()  # a reader ended: no more chunks from it
 
@@ -71,7 +69,8 @@ class Chunk:
     end_page: int | None  # None: open-ended
 
 
-def plan_chunks(conn: Any, table: catalog.Table, pages_per_chunk: int = PAGES_PER_CHUNK) -> list[Chunk]:
+def plan_chunks(conn: Any, table: catalog.Table, pages_per_chunk: int | None = None) -> list[Chunk]:
+    pages_per_chunk = pages_per_chunk or PAGES_PER_CHUNK
     chunks: list[Chunk] = []
     for leaf in table.leaves:
         row = conn.execute(
@@ -145,17 +144,28 @@ def binary_plan(table: catalog.Table) -> BinaryPlan | None:
     return BinaryPlan(bytes("".join(kinds), "ascii"), tuple(scales), tuple(types), tuple(select), tuple(insert))
 
 
-def read_binary(conn: Any, sql: str, plan: BinaryPlan) -> pa.Table:
-    """Run binary ``COPY … TO STDOUT`` on psycopg2 connection ``conn``, decoded as it arrives."""
+def read_binary(conn: Any, sql: str, plan: BinaryPlan, sizes: list[int] | None = None) -> pa.Table:
+    """Run binary ``COPY … TO STDOUT`` on psycopg2 connection ``conn``, decoded as it arrives.
+
+    ``sizes``: kept by the caller between chunks (``new_sizes(plan)``): each
+    column's buffers are reserved at the last chunk's sizes instead of grown.
+    """
     import psycopg2._psycopg  # the module whose libpq holds ``conn``
 
     from datasync.engine import _speedups  # type: ignore[attr-defined]
 
     try:
-        nrows, columns = _speedups.copy_decode(conn.pgconn_ptr, psycopg2._psycopg.__file__, sql, plan.kinds, plan.scales)
+        nrows, columns = _speedups.copy_decode(
+            conn.pgconn_ptr, psycopg2._psycopg.__file__, sql, plan.kinds, plan.scales, sizes
+        )
     except RuntimeError as exc:
         raise errors.SourceError(f"reading the snapshot failed: {str(exc).strip()}") from None
     return _arrow(nrows, columns, plan)
+
+
+def new_sizes(plan: BinaryPlan) -> list[int]:
+    """A reader's buffer sizes for :func:`read_binary` (none known yet)."""
+    return [0] * (3 * len(plan.kinds))
 
 
 def _arrow(nrows: int, columns: list[tuple[Any, Any, Any]], plan: BinaryPlan) -> pa.Table:
@@ -205,81 +215,6 @@ def read_csv(data: bytes | io.BytesIO, ncols: int) -> pa.Table:
     )
 
 
-class _Loader:
-    """One worker's DuckDB side: its own connection and transaction on the loading table.
-
-    Rows are inserted in whole row groups (``INSERT_ROWS``); the rest waits for
-    the next chunk.  Each worker compresses and writes its own row groups, so
-    DuckDB's per-row-group work (compression, optimistic writes, the flush at
-    commit) runs on every worker instead of queueing behind one writer.
-    """
-
-    def __init__(self, con: Any, table: catalog.Table, inserts: dict[str, str]) -> None:
-        self.con = con
-        self.table = table
-        self.inserts = inserts  # by chunk shape: "binary" / "text"
-        self.pending: list[pa.Table] = []
-        self.shape = ""
-        self.pending_rows = 0
-        self.uncommitted = 0
-        self.con.execute("BEGIN TRANSACTION")
-
-    def add(self, shape: str, rows: pa.Table) -> None:
-        if shape != self.shape:
-            self.flush()
-            self.shape = shape
-        self.pending.append(rows)
-        self.pending_rows += rows.num_rows
-        self.uncommitted += rows.num_rows
-        if self.pending_rows >= INSERT_ROWS:
-            self.flush(everything=False)  # leaves less than a row group pending
-        if self.uncommitted >= COMMIT_ROWS:
-            self.con.execute("COMMIT")
-            self.con.execute("BEGIN TRANSACTION")
-            self.uncommitted = 0
-
-    def flush(self, everything: bool = True) -> None:
-        """Insert the pending rows in whole row groups (and the rest if ``everything``)."""
-        if not self.pending:
-            return
-        batch = self.pending[0] if len(self.pending) == 1 else pa.concat_tables(self.pending)  # chunked: no copy
-        self.pending.clear()
-        whole = batch.num_rows - batch.num_rows % INSERT_ROWS
-        if whole:
-            self._insert(batch.slice(0, whole))
-        rest = batch.slice(whole)
-        if rest.num_rows and everything:
-            self._insert(rest)
-        elif rest.num_rows:
-            self.pending.append(rest)
-        self.pending_rows = sum(t.num_rows for t in self.pending)
-
-    def _insert(self, batch: pa.Table) -> None:
-        self.con.register("_datasync_chunk", batch)
-        try:
-            self.con.execute(self.inserts[self.shape])
-        except duckdb.ConversionException as exc:
-            raise errors.value_out_of_range(
-                str(self.table.name),
-                f"a value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
-                "fix or exclude the value at the source; the table's partial snapshot is not swapped in, "
-                "a later run starts it over",
-            ) from None
-        finally:
-            self.con.unregister("_datasync_chunk")
-
-    def finish_all(self) -> None:
-        self.flush()
-        self.con.execute("COMMIT")
-
-    def finish(self) -> tuple[str, list[pa.Table]]:
-        """Commit the whole row groups; the rest (less than one) is returned, not inserted."""
-        self.flush(everything=False)
-        self.con.execute("COMMIT")
-        rest, self.pending = self.pending, []
-        return self.shape, rest
-
-
 class _Failed(Exception):
     """Another thread of the copy failed: stop quietly (that thread reports)."""
 
@@ -319,20 +254,21 @@ def _inserts(table: catalog.Table, target_name: identifiers.TableName, plan: Bin
 
 def _reading(
     dsn: str, snapshot_id: str, table: catalog.Table, plan: BinaryPlan | None, work: queue.Queue[Chunk | None],
-    decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event,
+    decoded: queue.Queue[Any], texts: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event,
 ) -> None:
-    """Read chunks as of the snapshot and decode them onto ``decoded``."""
+    """Read chunks as of the snapshot: binary ones onto ``decoded``, text ones onto ``texts``."""
     try:
         conn = connecting.connect_libpq2(dsn)
         try:
             conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
             conn.cursor().execute("SET TRANSACTION SNAPSHOT %s", (snapshot_id,))
+            sizes = new_sizes(plan) if plan is not None else None
             while (chunk := work.get()) is not None:
                 rows: pa.Table | None = None
                 shape = "binary"
                 if plan is not None:
                     try:
-                        rows = read_binary(conn, _binary_sql(plan, chunk), plan)
+                        rows = read_binary(conn, _binary_sql(plan, chunk), plan, sizes)
                     except pgoutput.NeedsText:
                         pass
                 if rows is None:
@@ -341,7 +277,7 @@ def _reading(
                     conn.cursor().copy_expert(_copy_sql(table, chunk), buf)
                     rows = read_csv(buf.getvalue(), len(table.columns)) if buf.tell() else None
                 if rows is not None and rows.num_rows:
-                    _put(decoded, (shape, rows), failed)
+                    _put(texts if shape == "text" else decoded, rows, failed)
             conn.rollback()
         finally:
             conn.close()
@@ -353,20 +289,73 @@ def _reading(
         out.put(exc)
 
 
-def _loading(loader: _Loader, decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event) -> None:
-    """Load decoded chunks through ``loader``; report row counts, then the partial rest, on ``out``."""
+def _batches(decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event) -> Iterator[pa.RecordBatch]:
+    """The decoded chunks as DuckDB pulls them (from its own threads), until the readers are done."""
+    while (rows := _get(decoded, failed)) is not None:
+        out.put(rows.num_rows)
+        yield from rows.to_batches()
+
+
+def _out_of_range(table: catalog.Table, exc: duckdb.ConversionException) -> errors.TargetError:
+    return errors.value_out_of_range(
+        str(table.name),
+        f"a value does not fit its DuckDB type: {str(exc).splitlines()[0]}",
+        "fix or exclude the value at the source; the table's partial snapshot is not swapped in, "
+        "a later run starts it over",
+    )
+
+
+def _inserting(
+    con: Any, sql: str, source: pa.RecordBatchReader, table: catalog.Table, out: queue.Queue[Any],
+    failed: threading.Event,
+) -> None:
+    """One INSERT over the whole stream of binary chunks, in parallel inside DuckDB, one commit."""
     try:
-        while (item := _get(decoded, failed)) is not None:
-            shape, rows = item
-            loader.add(shape, rows)
-            out.put(rows.num_rows)
-        out.put(loader.finish())
-        out.put(_DONE)
-    except _Failed:
+        con.execute("SET preserve_insertion_order = false")  # lets DuckDB insert in parallel
+        con.execute("SET write_buffer_row_group_count = 1")  # compress each row group as it fills
+        con.register("_datasync_chunk", source)
+        con.execute("BEGIN TRANSACTION")
+        con.execute(sql)
+        con.execute("COMMIT")
         out.put(_DONE)
     except BaseException as exc:
+        _rollback(con)
+        if failed.is_set():  # a reader failed and stopped the stream: it reports
+            out.put(_DONE)
+            return
         failed.set()
-        out.put(exc)
+        out.put(_out_of_range(table, exc) if isinstance(exc, duckdb.ConversionException) else exc)
+
+
+def _loading_text(
+    con: Any, sql: str, texts: queue.Queue[Any], table: catalog.Table, out: queue.Queue[Any], failed: threading.Event,
+) -> None:
+    """Chunks read through the text path (rare: ±infinity), each inserted as it comes."""
+    try:
+        con.execute("BEGIN TRANSACTION")
+        while (rows := _get(texts, failed)) is not None:
+            con.register("_datasync_chunk", rows)
+            try:
+                con.execute(sql)
+            finally:
+                con.unregister("_datasync_chunk")
+            out.put(rows.num_rows)
+        con.execute("COMMIT")
+        out.put(_DONE)
+    except _Failed:
+        _rollback(con)
+        out.put(_DONE)
+    except BaseException as exc:
+        _rollback(con)
+        failed.set()
+        out.put(_out_of_range(table, exc) if isinstance(exc, duckdb.ConversionException) else exc)
+
+
+def _rollback(con: Any) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction open
 
 
 def copy_table(
@@ -382,8 +371,8 @@ def copy_table(
 ) -> int:
     """Copy ``table`` as of ``snapshot_id`` into ``target_name`` (already created).
 
-    ``workers`` readers decode chunks onto a bounded queue; as many loaders
-    insert them through their own DuckDB connections (see the module
+    ``workers`` readers decode chunks onto a bounded queue; one INSERT streams
+    them into DuckDB, which inserts with ``workers`` threads (see the module
     docstring).  Returns the number of rows.
     """
     work: queue.Queue[Chunk | None] = queue.Queue()
@@ -396,22 +385,29 @@ def copy_table(
     failed = threading.Event()
     plan = binary_plan(table)
     inserts = _inserts(table, target_name, plan)
-    loaders = [_Loader(target.con.cursor(), table, inserts) for _ in range(workers)]
     row = target.con.execute("SELECT current_setting('threads')").fetchone()
     threads_before = int(row[0]) if row else 1
-    if workers > 1:  # the workers are the parallelism: one DuckDB thread per insert contends less (~15%)
-        target.con.execute("SET threads = 1")
+    target.con.execute(f"SET threads = {max(2, workers)}")
     collecting = gc.isenabled()
     gc.disable()  # Arrow tables hold no cycles; the collector only rescans the heap (~0.25 s per 1M rows)
     decoded: queue.Queue[Any] = queue.Queue(maxsize=2 * workers)  # bounds memory
+    texts: queue.Queue[Any] = queue.Queue(maxsize=2)
+    cons = [target.con.cursor(), target.con.cursor()]
     threads = [
-        threading.Thread(target=_reading, args=(dsn, snapshot_id, table, plan, work, decoded, out, failed), daemon=True)
+        threading.Thread(target=_reading, args=(dsn, snapshot_id, table, plan, work, decoded, texts, out, failed),
+                         daemon=True)
         for _ in range(workers)
-    ] + [threading.Thread(target=_loading, args=(loader, decoded, out, failed), daemon=True) for loader in loaders]
+    ]
+    threads.append(threading.Thread(target=_loading_text, args=(cons[0], inserts["text"], texts, table, out, failed),
+                                    daemon=True))
+    if plan is not None:
+        schema = pa.schema([pa.field(f"c{i}", typ) for i, typ in enumerate(plan.types)])
+        source = pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed))
+        threads.append(threading.Thread(target=_inserting, args=(cons[1], inserts["binary"], source, table, out, failed),
+                                        daemon=True))
     for t in threads:
         t.start()
     total, done, read = 0, 0, 0
-    rests: list[tuple[str, list[pa.Table]]] = []
     try:
         while done < len(threads):
             item = out.get()
@@ -420,46 +416,37 @@ def copy_table(
             elif item is _READ:
                 done += 1
                 read += 1
-                if read == workers:  # every chunk is decoded: the loaders may finish
+                if read == workers:  # every chunk is decoded: the inserts may finish
                     try:
-                        for _ in loaders:
+                        _put(texts, None, failed)
+                        if plan is not None:
                             _put(decoded, None, failed)
                     except _Failed:
-                        pass  # a loader failed: its exception is on its way
+                        pass  # an insert failed: its exception is on its way
             elif isinstance(item, BaseException):
                 raise item
-            elif isinstance(item, tuple):
-                rests.append(item)
             else:
                 total += item
                 if on_rows:
                     on_rows(item)
-        # the workers' last partial row groups, together at the end of the table: a
-        # partial row group between full ones makes DuckDB's checkpoint rewrite its
-        # neighbours (measured: +0.5 s and +20% file size per 1M rows)
-        last = _Loader(target.con, table, inserts)
-        for shape, rest in rests:
-            for rows in rest:
-                last.add(shape, rows)
-        last.finish_all()
     except BaseException:
         failed.set()
-        try:
-            target.con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass  # no transaction open
         raise
     finally:
         for t in threads:
             t.join()
-        for loader in loaders:
-            if failed.is_set():
-                try:
-                    loader.con.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass  # already ended
-            loader.con.close()
+        for con in cons:
+            con.close()
         target.con.execute(f"SET threads = {threads_before}")
         if collecting:
             gc.enable()
+        _speedups_trim()
     return total
+
+
+def _speedups_trim() -> None:
+    """The decoder's pooled buffers go back to the kernel: this copy is over."""
+    if pgoutput.SPEEDUPS:
+        from datasync.engine import _speedups  # type: ignore[attr-defined]
+
+        _speedups.pool_trim()
