@@ -263,3 +263,24 @@ def test_decoder_reuses_released_column_buffers(pg: helpers.Source) -> None:
         assert _speedups.pool_stats()[4] == 0
     finally:
         conn.close()
+
+
+def test_stream_waits_for_room_and_lets_every_buffer_go(pg: helpers.Source, duck_path: str,
+                                                        monkeypatch: object) -> None:
+    """Over its in-flight budget the stream holds batches back (bounded waits, no deadlock);
+    after the copy no decoded buffer is left alive."""
+    from datasync.engine import _speedups, snapshotting  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 32)  # type: ignore[attr-defined]
+    monkeypatch.setattr(snapshotting, "IN_FLIGHT_BYTES", 0)  # type: ignore[attr-defined]  # always over budget
+    monkeypatch.setattr(snapshotting, "ROOM_WAIT", 0.01)  # type: ignore[attr-defined]
+    waits: list[int] = []
+    real = snapshotting._wait_for_room
+    monkeypatch.setattr(snapshotting, "_wait_for_room",  # type: ignore[attr-defined]
+                        lambda failed: (waits.append(1), real(failed))[1])
+    pg.execute("CREATE TABLE roomy (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO roomy SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 60000) g")
+    helpers.sync_once(pg, duck_path, "roomy")
+    assert helpers.assert_same(pg, duck_path, "public.roomy") == 60_000
+    assert len(waits) > 5
+    assert _speedups.pool_stats()[5] == 0  # every column buffer was let go

@@ -298,8 +298,8 @@ static PyObject *NEEDS_TEXT = NULL;
  * from per-thread heaps that never shrink: the process grew by ~40 MB per million
  * rows snapshotted.
  *
- * When Arrow lets go of one, it goes to a small pool (at most POOL_BYTES) instead
- * of back to the kernel, and the next chunk's column of that size takes it: fresh
+ * When Arrow lets go of one, it goes to a small pool (at most POOL_BYTES, the newest
+ * kept) instead of back to the kernel, and the next chunk's column of that size takes it: fresh
  * pages cost a fault and a zeroing each, which was a third of the faults of a
  * snapshot (~0.1 s of kernel time per million rows).  Sizes are rounded to
  * classes (quarter steps between powers of two) so that chunks of slightly
@@ -307,11 +307,12 @@ static PyObject *NEEDS_TEXT = NULL;
 #if defined(__linux__)
 #include <pthread.h>
 #define MAP_MIN ((Py_ssize_t)1 << 16)
-#define POOL_SLOTS 256
-#define POOL_BYTES ((Py_ssize_t)256 << 20)
+#define POOL_SLOTS 128
+#define POOL_BYTES ((Py_ssize_t)64 << 20)
 static struct {
     char *p[POOL_SLOTS]; Py_ssize_t cap[POOL_SLOTS]; int n; Py_ssize_t bytes;
     long long taken, missed, kept, dropped;  /* for pool_stats() */
+    Py_ssize_t live;  /* bytes of mapped buffers in use (handed to Arrow or being filled) */
 } pool;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -327,7 +328,8 @@ static char *pool_take(Py_ssize_t cap, Py_ssize_t *got) {
         *got = pool.cap[best];
         pool.bytes -= *got;
         pool.n--;
-        pool.p[best] = pool.p[pool.n]; pool.cap[best] = pool.cap[pool.n];
+        memmove(pool.p + best, pool.p + best + 1, (pool.n - best) * sizeof pool.p[0]);
+        memmove(pool.cap + best, pool.cap + best + 1, (pool.n - best) * sizeof pool.cap[0]);
         pool.taken++;
     } else {
         pool.missed++;
@@ -336,23 +338,43 @@ static char *pool_take(Py_ssize_t cap, Py_ssize_t *got) {
     return p;
 }
 
+/* keeps the newest buffers: the oldest (of sizes no longer asked for) go back first */
 static void pool_give(char *p, Py_ssize_t cap) {
-    int kept = 0;
+    char *out[POOL_SLOTS + 1];
+    Py_ssize_t outcap[POOL_SLOTS + 1];
+    int nout = 0;
     pthread_mutex_lock(&pool_lock);
-    if (pool.n < POOL_SLOTS && pool.bytes + cap <= POOL_BYTES) {
+    if (cap > POOL_BYTES) {
+        out[nout] = p; outcap[nout++] = cap;
+        pool.dropped++;
+    } else {
+        while (pool.n > 0 && (pool.n == POOL_SLOTS || pool.bytes + cap > POOL_BYTES)) {
+            out[nout] = pool.p[0]; outcap[nout++] = pool.cap[0];  /* the oldest */
+            pool.bytes -= pool.cap[0];
+            pool.n--;
+            memmove(pool.p, pool.p + 1, pool.n * sizeof pool.p[0]);
+            memmove(pool.cap, pool.cap + 1, pool.n * sizeof pool.cap[0]);
+            pool.dropped++;
+        }
         pool.p[pool.n] = p; pool.cap[pool.n] = cap; pool.n++;
         pool.bytes += cap;
-        kept = 1;
+        pool.kept++;
     }
-    if (kept) pool.kept++; else pool.dropped++;
     pthread_mutex_unlock(&pool_lock);
-    if (!kept) munmap(p, cap);
+    for (int i = 0; i < nout; i++) munmap(out[i], outcap[i]);
 }
 
-/* pool_stats() -> (taken, missed, kept, dropped, pooled_bytes): how the pool fared */
+static void live_add(Py_ssize_t n) {
+    pthread_mutex_lock(&pool_lock);
+    pool.live += n;
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* pool_stats() -> (taken, missed, kept, dropped, pooled_bytes, live_bytes): how the pool
+ * fared, and the bytes of column buffers alive (decoded, not yet let go by Arrow) */
 static PyObject *pool_stats(PyObject *self, PyObject *unused) {
     pthread_mutex_lock(&pool_lock);
-    PyObject *r = Py_BuildValue("(LLLLn)", pool.taken, pool.missed, pool.kept, pool.dropped, pool.bytes);
+    PyObject *r = Py_BuildValue("(LLLLnn)", pool.taken, pool.missed, pool.kept, pool.dropped, pool.bytes, pool.live);
     pthread_mutex_unlock(&pool_lock);
     return r;
 }
@@ -371,7 +393,7 @@ static PyObject *pool_trim(PyObject *self, PyObject *unused) {
 #else
 #define MAP_MIN PY_SSIZE_T_MAX  /* no mremap: stay with malloc */
 static PyObject *pool_trim(PyObject *self, PyObject *unused) { Py_RETURN_NONE; }
-static PyObject *pool_stats(PyObject *self, PyObject *unused) { return Py_BuildValue("(iiiii)", 0, 0, 0, 0, 0); }
+static PyObject *pool_stats(PyObject *self, PyObject *unused) { return Py_BuildValue("(iiiiii)", 0, 0, 0, 0, 0, 0); }
 #endif
 
 typedef struct { char *p; Py_ssize_t len, cap; int mapped; } Buf;
@@ -399,12 +421,14 @@ static int buf_resize(Buf *b, Py_ssize_t cap) {
     else if (b->mapped) {
         np = mremap(b->p, b->cap, cap, MREMAP_MAYMOVE);
         if (np == MAP_FAILED) return -1;
+        live_add(cap - b->cap);
     } else {
         np = pool_take(cap, &cap);
         if (!np) {
             np = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (np == MAP_FAILED) return -1;
         }
+        live_add(cap);
         if (b->len) memcpy(np, b->p, b->len);
         PyMem_RawFree(b->p);
         b->mapped = 1;
@@ -422,7 +446,7 @@ static int buf_reserve(Buf *b, Py_ssize_t extra) {
 
 static void buf_free(Buf *b) {
 #if defined(__linux__)
-    if (b->mapped) pool_give(b->p, b->cap); else
+    if (b->mapped) { live_add(-b->cap); pool_give(b->p, b->cap); } else
 #endif
     PyMem_RawFree(b->p);
     b->p = NULL; b->len = b->cap = 0; b->mapped = 0;

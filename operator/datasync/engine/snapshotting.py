@@ -44,6 +44,7 @@ import gc
 import io
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,6 +59,8 @@ from datasync.sources import catalog, connecting
 from datasync.targets import duckfile
 
 PAGES_PER_CHUNK = 1024
+IN_FLIGHT_BYTES = 192 << 20  # decoded chunks DuckDB may hold before the stream waits
+ROOM_WAIT = 0.5  # seconds, at most, per batch
 _DONE = object()  # a thread of the copy ended
 _READ = object()  # a reader ended: no more chunks from it
 
@@ -292,8 +295,43 @@ def _reading(
 def _batches(decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event) -> Iterator[pa.RecordBatch]:
     """The decoded chunks as DuckDB pulls them (from its own threads), until the readers are done."""
     while (rows := _get(decoded, failed)) is not None:
+        _wait_for_room(failed)
         out.put(rows.num_rows)
         yield from rows.to_batches()
+
+
+def _wait_for_room(failed: threading.Event) -> None:
+    """Hold the next batch back while DuckDB holds too many decoded ones.
+
+    DuckDB pulls batches ahead of inserting them; when the readers are faster
+    than its inserts, that backlog grew with the table (~1 GB of decoded chunks
+    alive at 5M rows).  While the decoder's buffers alive exceed
+    ``IN_FLIGHT_BYTES`` the puller waits (its other threads work the backlog
+    off), at most ``ROOM_WAIT`` seconds per batch: never a deadlock.
+    """
+    if not pgoutput.SPEEDUPS:
+        return
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + ROOM_WAIT
+    while _speedups.pool_stats()[5] > IN_FLIGHT_BYTES and time.monotonic() < deadline and not failed.is_set():
+        time.sleep(0.005)
+
+
+class _Stream:
+    """The batches as a bare Arrow C stream.
+
+    Handed a ``pyarrow.RecordBatchReader``, DuckDB wraps it in a
+    ``pyarrow.dataset`` scanner whose read-ahead kept pulling from the queue:
+    decoded chunks piled up (~1 GB of buffers alive at 5M rows).  Through the
+    C stream interface DuckDB pulls a batch when it has room for one.
+    """
+
+    def __init__(self, reader: pa.RecordBatchReader) -> None:
+        self.reader = reader
+
+    def __arrow_c_stream__(self, requested_schema: object = None) -> object:
+        return self.reader.__arrow_c_stream__(requested_schema)
 
 
 def _out_of_range(table: catalog.Table, exc: duckdb.ConversionException) -> errors.TargetError:
@@ -306,7 +344,7 @@ def _out_of_range(table: catalog.Table, exc: duckdb.ConversionException) -> erro
 
 
 def _inserting(
-    con: Any, sql: str, source: pa.RecordBatchReader, table: catalog.Table, out: queue.Queue[Any],
+    con: Any, sql: str, source: _Stream, table: catalog.Table, out: queue.Queue[Any],
     failed: threading.Event,
 ) -> None:
     """One INSERT over the whole stream of binary chunks, in parallel inside DuckDB, one commit."""
@@ -402,7 +440,7 @@ def copy_table(
                                     daemon=True))
     if plan is not None:
         schema = pa.schema([pa.field(f"c{i}", typ) for i, typ in enumerate(plan.types)])
-        source = pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed))
+        source = _Stream(pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed)))
         threads.append(threading.Thread(target=_inserting, args=(cons[1], inserts["binary"], source, table, out, failed),
                                         daemon=True))
     for t in threads:
