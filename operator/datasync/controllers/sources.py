@@ -16,9 +16,9 @@ import base64
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
 
-import psycopg
+import psycopg2
+import psycopg2.errors
 
 from datasync import errors, identifiers, kube
 from datasync.api import SyncPolicy
@@ -58,7 +58,7 @@ def describe(exc: errors.DataSyncError) -> str:
 
 
 @contextlib.contextmanager
-def connect(client: kube.Kube, policy: SyncPolicy) -> Iterator[psycopg.Connection[Any]]:
+def connect(client: kube.Kube, policy: SyncPolicy) -> Iterator[connecting.Connection]:
     """An autocommit connection to the policy's source, or :class:`SourceProblem`."""
     dsn = read_dsn(client, policy)
     try:
@@ -71,21 +71,21 @@ def connect(client: kube.Kube, policy: SyncPolicy) -> Iterator[psycopg.Connectio
         conn.close()
 
 
-def publication_exists(conn: psycopg.Connection[Any], publication: str) -> bool:
+def publication_exists(conn: connecting.Connection, publication: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() is not None
 
 
-def create_empty_publication(conn: psycopg.Connection[Any], publication: str) -> None:
+def create_empty_publication(conn: connecting.Connection, publication: str) -> None:
     """``CREATE PUBLICATION`` without tables; SyncTables add theirs (as the engine would)."""
     conn.execute(f"CREATE PUBLICATION {identifiers.quote(publication)} WITH (publish_via_partition_root = true)")
 
 
-def table_exists(conn: psycopg.Connection[Any], table: identifiers.TableName) -> bool:
+def table_exists(conn: connecting.Connection, table: identifiers.TableName) -> bool:
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table.sql,)).fetchone()
     return bool(row and row[0])
 
 
-def drop_slot_forcibly(conn: psycopg.Connection[Any], slot: str) -> None:
+def drop_slot_forcibly(conn: connecting.Connection, slot: str) -> None:
     """Drop ``slot``, ending the session that streams from it first (a writer that is going away)."""
     for _ in range(20):
         row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
@@ -96,8 +96,8 @@ def drop_slot_forcibly(conn: psycopg.Connection[Any], slot: str) -> None:
         try:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             return
-        except psycopg.errors.ObjectInUse:
+        except psycopg2.errors.ObjectInUse:
             time.sleep(0.25)  # the terminated walsender has not exited yet
-        except psycopg.errors.UndefinedObject:
+        except psycopg2.errors.UndefinedObject:
             return
     raise SourceProblem("SlotInUse", f"replication slot {slot} stays in use; drop it by hand")

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import kopf
-import psycopg
+import psycopg2
 
 from datasync import errors, kube
 from datasync.api import GROUP, VERSION, SyncPolicy
@@ -33,7 +33,7 @@ from datasync.api.common import quantity_bytes
 from datasync.api.conditions import READY, SLOT_READY, SOURCE_CONNECTED
 from datasync.controllers import config, naming, rendering, sources, statuses
 from datasync.engine import pgoutput
-from datasync.sources import checking, replication
+from datasync.sources import checking, connecting, replication
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def live_tables(client: kube.Kube, namespace: str, policy: str) -> list[dict[str
     return [t for t in table_objects(client, namespace, policy) if not t["metadata"].get("deletionTimestamp")]
 
 
-def ensure_replication(conn: psycopg.Connection[Any], policy: SyncPolicy) -> None:
+def ensure_replication(conn: connecting.Connection, policy: SyncPolicy) -> None:
     """Checks, then publication (empty is fine) and pgoutput slot; idempotent."""
     checking.check_server(conn)
     publication, slot = naming.publication_name(policy), naming.slot_name(policy)
@@ -84,7 +84,7 @@ def ensure_replication(conn: psycopg.Connection[Any], policy: SyncPolicy) -> Non
         checking.check_slots(conn, slot, need_snapshot=False)  # plugin, invalidated slot
 
 
-def slot_figures(conn: psycopg.Connection[Any], slot: str) -> tuple[int | None, str | None]:
+def slot_figures(conn: connecting.Connection, slot: str) -> tuple[int | None, str | None]:
     """(retained WAL bytes = current WAL position - restart_lsn, confirmed LSN) of ``slot``."""
     row = conn.execute(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, confirmed_flush_lsn::text "
@@ -138,7 +138,7 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
             problem = ("SourceCheckFailed", sources.describe(exc))
             updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
             updates.append((SLOT_READY, "False", "SourceCheckFailed", sources.describe(exc)))
-        except psycopg.Error as exc:
+        except psycopg2.Error as exc:
             problem = ("SourceError", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     if problem is None:
         try:
@@ -198,7 +198,7 @@ def on_delete(body: kopf.Body, retry: int, logger: kopf.Logger, **_: Any) -> Non
     policy = parse(body)
     try:
         release_source(kube.shared(), policy)
-    except (sources.SourceProblem, errors.SourceError, psycopg.Error) as exc:
+    except (sources.SourceProblem, errors.SourceError, psycopg2.Error) as exc:
         message = exc.message if isinstance(exc, (sources.SourceProblem, errors.DataSyncError)) else str(exc)
         if retry < 5:
             raise kopf.TemporaryError(f"cannot drop slot/publication yet: {message}", delay=5) from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-import psycopg
+import psycopg2
 
 from datasync import errors, identifiers, kube
 from datasync.api import GROUP, VERSION, SyncPolicy, SyncTable
@@ -154,7 +154,7 @@ def on_delete(body: kopf.Body, runtime: Any, retry: int, logger: kopf.Logger, **
         )
     try:
         dropped = release(client, policy, table)
-    except (sources.SourceProblem, errors.SourceError, psycopg.Error) as exc:
+    except (sources.SourceProblem, errors.SourceError, psycopg2.Error) as exc:
         message = exc.message if isinstance(exc, (sources.SourceProblem, errors.DataSyncError)) else str(exc)
         if retry < 5:
             raise kopf.TemporaryError(f"cannot update the publication yet: {message}", delay=5) from None

@@ -32,13 +32,12 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import duckdb
-import psycopg
 import pyarrow as pa
 
 from datasync import errors, identifiers
 from datasync.engine import pgoutput
 from datasync.identifiers import quote
-from datasync.sources import catalog, typemaps
+from datasync.sources import catalog, connecting, typemaps
 from datasync.targets import duckfile
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class TableApplier:
         self,
         state: duckfile.TableState,
         con: Any,
-        source: psycopg.Connection[Any],
+        source: connecting.Connection,
         commit_point: Callable[[], None] | None = None,
     ) -> None:
         self.state = state
@@ -340,13 +339,10 @@ class TableApplier:
         if not columns or any(k.attnum not in current for k in keys):
             return  # gone again at the source; later Relation messages follow
         sel = ", ".join(quote(current[c.attnum]) for c in keys + columns)
-        buf = bytearray()
-        with self.source.cursor().copy(f"COPY (SELECT {sel} FROM {self.state.source.sql}) TO STDOUT (FORMAT csv)") as cp:
-            for block in cp:
-                buf += block
+        buf = connecting.copy_out(self.source, f"COPY (SELECT {sel} FROM {self.state.source.sql}) TO STDOUT (FORMAT csv)")
         if not buf:
             return
-        data = snapshotting.read_csv(bytes(buf), len(keys) + len(columns))
+        data = snapshotting.read_csv(buf, len(keys) + len(columns))
         nk = len(keys)
         sets = ", ".join(
             f"{quote(c.name)} = {_mapping(c).cast(f'_dss.c{nk + i}')}" for i, c in enumerate(columns)

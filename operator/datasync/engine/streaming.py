@@ -27,13 +27,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import psycopg
 
 from datasync import identifiers
 from datasync.engine import applying, pgoutput, pinning
-from datasync.sources import receiving, replication
+from datasync.sources import connecting, receiving, replication
 from datasync.targets import duckfile
 
 log = logging.getLogger(__name__)
@@ -69,7 +66,7 @@ class ChangeStream:
         self,
         *,
         dsn: str,
-        control: psycopg.Connection[Any],
+        control: connecting.Connection,
         target: duckfile.DuckTarget,
         slot: str,
         publication: str,

@@ -13,9 +13,8 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Protocol
+from typing import Protocol
 
-import psycopg
 import psycopg2
 
 from datasync import errors, identifiers
@@ -81,7 +80,7 @@ def _target_columns(table: catalog.Table) -> list[duckfile.TargetColumn]:
 
 
 def ensure_replication(
-    conn: psycopg.Connection[Any], publication: str, slot: str, tables: list[catalog.Table]
+    conn: connecting.Connection, publication: str, slot: str, tables: list[catalog.Table]
 ) -> None:
     """Create/extend the publication and create the slot; undo on failure."""
     created_pub = False
@@ -96,7 +95,7 @@ def ensure_replication(
             replication.add_tables(conn, publication, added)
         if replication.slot_info(conn, slot) is None:
             replication.create_slot(conn, slot)
-    except psycopg.Error as exc:
+    except psycopg2.Error as exc:
         if created_pub:
             replication.drop_publication(conn, publication)
         elif added:
@@ -159,7 +158,7 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
     names = [identifiers.TableName.parse(t) for t in opts.tables]
     slot = opts.slot or replication.derive_name(opts.target)
     publication = opts.publication or slot
-    control = connecting.connect(opts.source)
+    control: connecting.Connection = connecting.connect(opts.source)
     try:
         checking.check_server(control)
         tables = checking.check_tables(control, names)  # before the target file is created
@@ -185,7 +184,7 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
                 try:
                     stats = stream.run(None if opts.follow else until, stop)
                     break
-                except (psycopg.OperationalError, psycopg2.OperationalError, errors.SourceError) as exc:
+                except (psycopg2.OperationalError, errors.SourceError) as exc:
                     # --follow rides out source restarts and network blips: the stream
                     # resumes from the target's checkpoint, nothing is lost or repeated
                     if not opts.follow or stop.is_set():
@@ -204,11 +203,11 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
         control.close()
 
 
-def _reconnect(dsn: str, old: psycopg.Connection[Any], stop: threading.Event) -> psycopg.Connection[Any]:
+def _reconnect(dsn: str, old: connecting.Connection, stop: threading.Event) -> connecting.Connection:
     """A fresh control connection, retrying until the source answers or ``stop`` is set."""
     try:
         old.close()
-    except psycopg.Error:
+    except psycopg2.Error:
         pass
     delay = 0.5
     while True:

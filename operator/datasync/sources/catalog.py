@@ -8,12 +8,9 @@ cannot have its updates and deletes replicated and is refused up front.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import psycopg
 
 from datasync import errors, identifiers
-from datasync.sources import typemaps
+from datasync.sources import connecting, typemaps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +62,7 @@ ORDER BY c.depth DESC LIMIT 1
 class TypeResolver:
     """Resolves (type oid, typmod) to a mapping, following domains; cached."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: connecting.Connection) -> None:
         self.conn = conn
         self._cache: dict[tuple[int, int], typemaps.Mapping] = {}
 
@@ -80,7 +77,7 @@ class TypeResolver:
         return self._cache[key]
 
 
-def describe(conn: psycopg.Connection[Any], name: identifiers.TableName) -> Table:
+def describe(conn: connecting.Connection, name: identifiers.TableName) -> Table:
     """Describe ``name`` or raise a SourceError that says what is wrong."""
     row = conn.execute(
         """SELECT c.oid, c.relkind, c.relreplident, greatest(c.reltuples, 0)::bigint, c.relnatts
@@ -147,7 +144,7 @@ def describe(conn: psycopg.Connection[Any], name: identifiers.TableName) -> Tabl
     return Table(name, oid, columns, key, replident, leaves, int(est_rows), int(relnatts))
 
 
-def _index_columns(conn: psycopg.Connection[Any], oid: int, flag: str) -> tuple[str, ...]:
+def _index_columns(conn: connecting.Connection, oid: int, flag: str) -> tuple[str, ...]:
     assert flag in ("indisprimary", "indisreplident")
     rows = conn.execute(
         f"""SELECT a.attname FROM pg_index i

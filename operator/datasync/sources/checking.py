@@ -6,22 +6,18 @@ the first CREATE, a failing sync leaves no publication or slot behind.
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
-
 from datasync import errors, identifiers
-from datasync.sources import catalog, replication
+from datasync.sources import catalog, connecting, replication
 
 MIN_SERVER_VERSION = 140000
 
 
-def _setting(conn: psycopg.Connection[Any], name: str) -> str:
+def _setting(conn: connecting.Connection, name: str) -> str:
     row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
     return str(row[0]) if row else ""
 
 
-def check_server(conn: psycopg.Connection[Any]) -> None:
+def check_server(conn: connecting.Connection) -> None:
     version = int(_setting(conn, "server_version_num"))
     if version < MIN_SERVER_VERSION:
         raise errors.SourceError(
@@ -47,7 +43,7 @@ def check_server(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def check_tables(conn: psycopg.Connection[Any], names: list[identifiers.TableName]) -> list[catalog.Table]:
+def check_tables(conn: connecting.Connection, names: list[identifiers.TableName]) -> list[catalog.Table]:
     tables = [catalog.describe(conn, name) for name in names]
     for table in tables:
         for leaf in {table.name, *table.leaves}:
@@ -61,7 +57,7 @@ def check_tables(conn: psycopg.Connection[Any], names: list[identifiers.TableNam
 
 
 def check_publication(
-    conn: psycopg.Connection[Any], publication: str, tables: list[catalog.Table]
+    conn: connecting.Connection, publication: str, tables: list[catalog.Table]
 ) -> None:
     """Creating or extending a publication needs table ownership (or superuser)."""
     existing = replication.publication_tables(conn, publication)
@@ -88,7 +84,7 @@ def check_publication(
             )
 
 
-def check_slots(conn: psycopg.Connection[Any], slot: str, need_snapshot: bool) -> None:
+def check_slots(conn: connecting.Connection, slot: str, need_snapshot: bool) -> None:
     """Enough free replication slots (and a WAL sender for the snapshot slot)."""
     need = (0 if replication.slot_info(conn, slot) else 1) + (1 if need_snapshot else 0)
     row = conn.execute(

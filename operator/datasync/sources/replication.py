@@ -16,9 +16,6 @@ import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import psycopg
 
 from datasync import identifiers
 from datasync.engine import pgoutput
@@ -45,7 +42,7 @@ class SlotInfo:
     wal_status: str | None
 
 
-def slot_info(conn: psycopg.Connection[Any], slot: str) -> SlotInfo | None:
+def slot_info(conn: connecting.Connection, slot: str) -> SlotInfo | None:
     row = conn.execute(
         """SELECT slot_name, plugin, confirmed_flush_lsn::text, restart_lsn::text, active, wal_status
            FROM pg_replication_slots WHERE slot_name = %s""",
@@ -61,7 +58,7 @@ def slot_info(conn: psycopg.Connection[Any], slot: str) -> SlotInfo | None:
     )
 
 
-def publication_tables(conn: psycopg.Connection[Any], publication: str) -> set[identifiers.TableName] | None:
+def publication_tables(conn: connecting.Connection, publication: str) -> set[identifiers.TableName] | None:
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
     if not exists:
         return None
@@ -74,7 +71,7 @@ def publication_tables(conn: psycopg.Connection[Any], publication: str) -> set[i
     return {identifiers.TableName(s, t) for s, t in rows}
 
 
-def create_publication(conn: psycopg.Connection[Any], publication: str, tables: list[identifiers.TableName]) -> None:
+def create_publication(conn: connecting.Connection, publication: str, tables: list[identifiers.TableName]) -> None:
     names = ", ".join(t.sql for t in tables)
     conn.execute(
         f"CREATE PUBLICATION {identifiers.quote(publication)} FOR TABLE {names} "
@@ -82,23 +79,23 @@ def create_publication(conn: psycopg.Connection[Any], publication: str, tables: 
     )
 
 
-def add_tables(conn: psycopg.Connection[Any], publication: str, tables: list[identifiers.TableName]) -> None:
+def add_tables(conn: connecting.Connection, publication: str, tables: list[identifiers.TableName]) -> None:
     if tables:
         names = ", ".join(t.sql for t in tables)
         conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} ADD TABLE {names}")
 
 
-def drop_tables(conn: psycopg.Connection[Any], publication: str, tables: list[identifiers.TableName]) -> None:
+def drop_tables(conn: connecting.Connection, publication: str, tables: list[identifiers.TableName]) -> None:
     if tables:
         names = ", ".join(t.sql for t in tables)
         conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} DROP TABLE {names}")
 
 
-def drop_publication(conn: psycopg.Connection[Any], publication: str) -> None:
+def drop_publication(conn: connecting.Connection, publication: str) -> None:
     conn.execute(f"DROP PUBLICATION IF EXISTS {identifiers.quote(publication)}")
 
 
-def create_slot(conn: psycopg.Connection[Any], slot: str) -> int:
+def create_slot(conn: connecting.Connection, slot: str) -> int:
     row = conn.execute(
         "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
     ).fetchone()
@@ -108,13 +105,13 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> int:
 
 
 
-def current_lsn(conn: psycopg.Connection[Any]) -> int:
+def current_lsn(conn: connecting.Connection) -> int:
     row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return pgoutput.parse_lsn(row[0])
 
 
-def flushed_lsn(conn: psycopg.Connection[Any]) -> int:
+def flushed_lsn(conn: connecting.Connection) -> int:
     """The WAL position logical decoding can read up to.
 
     Commits made with ``synchronous_commit = off`` are visible before their WAL
@@ -125,7 +122,7 @@ def flushed_lsn(conn: psycopg.Connection[Any]) -> int:
     return pgoutput.parse_lsn(row[0])
 
 
-def wait_flushed(conn: psycopg.Connection[Any], timeout: float = 30.0) -> int:
+def wait_flushed(conn: connecting.Connection, timeout: float = 30.0) -> int:
     """Wait until everything committed so far is flushed; return that position."""
     import time
 

@@ -67,7 +67,7 @@ def source_snapshot(
     with replication.exported_snapshot(dsn, name) as snap:
         if on_lsn is not None:
             on_lsn(snap.consistent_lsn)
-        pg = connecting.connect(dsn, autocommit=False)
+        pg = connecting.connect_psycopg3(dsn, autocommit=False)
         try:
             pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             pg.execute(f"SET TRANSACTION SNAPSHOT '{snap.snapshot_id}'")

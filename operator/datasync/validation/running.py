@@ -234,7 +234,7 @@ def check_file(
     publication = publication or slot
     target = duckfile.DuckTarget(path, memory_limit=MEMORY_LIMIT)
     try:
-        with connecting.connect(source) as control:
+        with connecting.connect_psycopg3(source) as control:
             if replication.slot_info(control, slot) is None:
                 return _check_as_is(source, target, request, slot)
             pins = pinning.Pins()
@@ -275,7 +275,7 @@ def _check_as_is(source: str, target: duckfile.DuckTarget, request: Request, slo
     t0 = time.monotonic()
     states = target.table_states()
     names = _names(request, states)
-    with connecting.connect(source, autocommit=False) as pg:
+    with connecting.connect_psycopg3(source, autocommit=False) as pg:
         pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         tables, done = comparing.check_all(
             pg, target.con, states, names, request.checks, request.rules, request.foreign_keys

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import psycopg
+import psycopg2
 
 from datasync import errors, identifiers, kube
 from datasync.api import GROUP, VERSION, SyncPolicy
@@ -120,7 +120,7 @@ class Worker:
         self.plan: tuple[Any, ...] | None = None
         self.path: str | None = None
         self.reader: duckdb.DuckDBPyConnection | None = None
-        self.control: psycopg.Connection[Any] | None = None
+        self.control: connecting.Connection | None = None
         self.checked: dict[tuple[str, int], tuple[float, str | None]] = {}
         self.published: dict[str, tuple[float, dict[str, Any]]] = {}
         self.backoff = BACKOFF_MIN
@@ -250,7 +250,7 @@ class Worker:
             self.source_problem = None
         except errors.SourceError as exc:
             problem = _describe(exc)
-        except psycopg.Error as exc:
+        except psycopg2.Error as exc:
             problem = _describe(exc)
             if self.control is not None:
                 self.control.close()
