@@ -272,15 +272,26 @@ def test_stream_waits_for_room_and_lets_every_buffer_go(pg: helpers.Source, duck
     from datasync.engine import _speedups, snapshotting  # type: ignore[attr-defined]
 
     monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 32)  # type: ignore[attr-defined]
-    monkeypatch.setattr(snapshotting, "IN_FLIGHT_BYTES", 0)  # type: ignore[attr-defined]  # always over budget
+    monkeypatch.setattr(snapshotting, "IN_FLIGHT_BYTES", 0)  # type: ignore[attr-defined]
+    monkeypatch.setattr(snapshotting, "ROW_GROUP_ROWS", 0)  # type: ignore[attr-defined]  # always over budget
     monkeypatch.setattr(snapshotting, "ROOM_WAIT", 0.01)  # type: ignore[attr-defined]
     waits: list[int] = []
     real = snapshotting._wait_for_room
     monkeypatch.setattr(snapshotting, "_wait_for_room",  # type: ignore[attr-defined]
-                        lambda failed: (waits.append(1), real(failed))[1])
+                        lambda failed, room: (waits.append(1), real(failed, room))[1])
     pg.execute("CREATE TABLE roomy (id bigint PRIMARY KEY, v text);"
                "INSERT INTO roomy SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 60000) g")
     helpers.sync_once(pg, duck_path, "roomy")
     assert helpers.assert_same(pg, duck_path, "public.roomy") == 60_000
     assert len(waits) > 5
     assert _speedups.pool_stats()[5] == 0  # every column buffer was let go
+
+
+def test_room_never_starves_duckdb_of_a_row_group_per_thread() -> None:
+    """DuckDB holds each thread's unfinished row group: the in-flight budget grows with the row width."""
+    from datasync.engine import snapshotting
+
+    assert snapshotting.room_bytes(2, 100.0) == snapshotting.IN_FLIGHT_BYTES  # narrow rows: the fixed budget
+    wide = snapshotting.room_bytes(2, 10_000.0)  # 10 kB rows
+    assert wide == 3 * snapshotting.ROW_GROUP_ROWS * 10_000.0 > snapshotting.IN_FLIGHT_BYTES
+    assert snapshotting.room_bytes(4, 10_000.0) > wide

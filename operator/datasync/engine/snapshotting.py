@@ -59,8 +59,9 @@ from datasync.sources import catalog, connecting
 from datasync.targets import duckfile
 
 PAGES_PER_CHUNK = 1024
-IN_FLIGHT_BYTES = 192 << 20  # decoded chunks DuckDB may hold before the stream waits
-ROOM_WAIT = 0.5  # seconds, at most, per batch
+IN_FLIGHT_BYTES = 128 << 20  # decoded chunks DuckDB may hold before the stream waits (see room_bytes)
+ROOM_WAIT = 0.1  # seconds, at most, per batch
+ROW_GROUP_ROWS = 122_880  # DuckDB's
 _DONE = object()  # a thread of the copy ended
 _READ = object()  # a reader ended: no more chunks from it
 
@@ -292,29 +293,45 @@ def _reading(
         out.put(exc)
 
 
-def _batches(decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event) -> Iterator[pa.RecordBatch]:
+def _batches(
+    decoded: queue.Queue[Any], out: queue.Queue[Any], failed: threading.Event, threads: int
+) -> Iterator[pa.RecordBatch]:
     """The decoded chunks as DuckDB pulls them (from its own threads), until the readers are done."""
+    seen_rows = seen_bytes = 0
     while (rows := _get(decoded, failed)) is not None:
-        _wait_for_room(failed)
+        seen_rows += rows.num_rows
+        seen_bytes += rows.nbytes
+        _wait_for_room(failed, room_bytes(threads, seen_bytes / max(seen_rows, 1)))
         out.put(rows.num_rows)
         yield from rows.to_batches()
 
 
-def _wait_for_room(failed: threading.Event) -> None:
-    """Hold the next batch back while DuckDB holds too many decoded ones.
+def room_bytes(threads: int, bytes_per_row: float) -> float:
+    """Decoded bytes DuckDB may hold before the stream waits.
+
+    DuckDB keeps the batches of each thread's unfinished row group until that
+    row group is written, so it needs a row group per thread (and one in hand)
+    to make progress at all: the budget never goes below that, whatever the
+    row width.
+    """
+    return max(float(IN_FLIGHT_BYTES), (threads + 1) * ROW_GROUP_ROWS * bytes_per_row)
+
+
+def _wait_for_room(failed: threading.Event, room: float) -> None:
+    """Hold the next batch back while DuckDB holds more than ``room`` decoded bytes.
 
     DuckDB pulls batches ahead of inserting them; when the readers are faster
     than its inserts, that backlog grew with the table (~1 GB of decoded chunks
-    alive at 5M rows).  While the decoder's buffers alive exceed
-    ``IN_FLIGHT_BYTES`` the puller waits (its other threads work the backlog
-    off), at most ``ROOM_WAIT`` seconds per batch: never a deadlock.
+    alive at 5M rows).  While the decoder's buffers alive exceed ``room`` the
+    puller waits (DuckDB's other threads work the backlog off), at most
+    ``ROOM_WAIT`` seconds per batch: never a deadlock.
     """
     if not pgoutput.SPEEDUPS:
         return
     from datasync.engine import _speedups  # type: ignore[attr-defined]
 
     deadline = time.monotonic() + ROOM_WAIT
-    while _speedups.pool_stats()[5] > IN_FLIGHT_BYTES and time.monotonic() < deadline and not failed.is_set():
+    while _speedups.pool_stats()[5] > room and time.monotonic() < deadline and not failed.is_set():
         time.sleep(0.005)
 
 
@@ -425,7 +442,8 @@ def copy_table(
     inserts = _inserts(table, target_name, plan)
     row = target.con.execute("SELECT current_setting('threads')").fetchone()
     threads_before = int(row[0]) if row else 1
-    target.con.execute(f"SET threads = {max(2, workers)}")
+    duck_threads = max(2, workers)
+    target.con.execute(f"SET threads = {duck_threads}")
     collecting = gc.isenabled()
     gc.disable()  # Arrow tables hold no cycles; the collector only rescans the heap (~0.25 s per 1M rows)
     decoded: queue.Queue[Any] = queue.Queue(maxsize=2 * workers)  # bounds memory
@@ -440,7 +458,7 @@ def copy_table(
                                     daemon=True))
     if plan is not None:
         schema = pa.schema([pa.field(f"c{i}", typ) for i, typ in enumerate(plan.types)])
-        source = _Stream(pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed)))
+        source = _Stream(pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed, duck_threads)))
         threads.append(threading.Thread(target=_inserting, args=(cons[1], inserts["binary"], source, table, out, failed),
                                         daemon=True))
     for t in threads:
