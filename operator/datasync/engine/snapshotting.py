@@ -14,9 +14,12 @@ Why this shape:
   tables), read by N reader threads, each in a REPEATABLE READ transaction on
   the *same* exported snapshot: together they see one consistent state.
 - Readers and DuckDB are joined by a bounded queue: reading the next chunk
-  overlaps inserting the last one, and memory is bounded by (queue size × chunk
-  size), independent of the table's size.  Readers run ``COPY`` through libpq
-  from C (``_speedups.copy_decode``: no Python call per row, no GIL).
+  overlaps inserting the last one.  DuckDB pulls batches ahead of inserting
+  them and holds each thread's unfinished row group, so the stream also waits
+  while the decoded batches alive exceed a budget (``room_bytes``): memory is
+  bounded independently of the table's size.  Readers run ``COPY`` through
+  libpq from C (``_speedups.copy_decode``: no Python call per row, no GIL) into
+  buffers sized from the reader's last chunk and recycled through a pool.
 - The whole table goes into DuckDB as *one* ``INSERT`` over a stream of Arrow
   batches, the way DuckDB's own postgres_scanner loads: DuckDB's threads pull
   batches from the queue and each compresses and writes its own row groups as
