@@ -500,7 +500,40 @@ def copy_table(
         if collecting:
             gc.enable()
         _speedups_trim()
+    _gather_partial_row_groups(target.con, target_name)
     return total
+
+
+def _gather_partial_row_groups(con: Any, name: identifiers.TableName) -> None:
+    """Move the rows of partial row groups to one tail, so only the last row group is partial.
+
+    Each DuckDB thread ends its share of the INSERT with a partial row group,
+    which then sits between full ones.  After deletes, DuckDB's checkpoint
+    merges such a small row group with its neighbours, rewriting all of them:
+    measured on 270k changes to a 1M-row copy, the checkpoint went from 0.25 s
+    to 0.9 s and the apply from ~200k to ~120k changes/s.  Re-inserting the
+    partial rows (a few thousand to a row group per thread) and deleting the
+    originals leaves wholly deleted row groups, which the checkpoint drops.
+    """
+    groups = con.execute(
+        "SELECT row_group_id, max(count) FROM pragma_storage_info(?) GROUP BY ALL ORDER BY 1", [name.sql]
+    ).fetchall()
+    ranges, start = [], 0
+    for _, count in groups:
+        if count < ROW_GROUP_ROWS:
+            ranges.append((start, start + count))
+        start += count
+    if len(ranges) < 2:
+        return  # none, or only the last one
+    where = " OR ".join(f"(rowid >= {lo} AND rowid < {hi})" for lo, hi in ranges)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"INSERT INTO {name.sql} SELECT * FROM {name.sql} WHERE {where}")
+        con.execute(f"DELETE FROM {name.sql} WHERE {where}")
+        con.execute("COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
 
 
 def _speedups_trim() -> None:
