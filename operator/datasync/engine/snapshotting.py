@@ -430,8 +430,8 @@ def copy_table(
     """Copy ``table`` as of ``snapshot_id`` into ``target_name`` (already created).
 
     ``workers`` readers decode chunks onto a bounded queue; one INSERT streams
-    them into DuckDB, which inserts with ``workers`` threads (see the module
-    docstring).  Returns the number of rows.
+    them into DuckDB, which inserts with ``max(2, workers)`` threads (see the
+    module docstring).  Returns the number of rows.
     """
     work: queue.Queue[Chunk | None] = queue.Queue()
     for chunk in chunks:

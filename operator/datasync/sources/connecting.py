@@ -26,12 +26,6 @@ if TYPE_CHECKING:
     import psycopg
 
 
-class Cursor(Protocol):
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
 class Connection(Protocol):
     """What the engine needs of a source connection (psycopg2 via :func:`connect`, or psycopg 3)."""
 
@@ -62,6 +56,7 @@ class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
 
 SESSION_SETTINGS: dict[str, str] = {
     # the text forms every cast in datasync.sources.typemaps relies on
