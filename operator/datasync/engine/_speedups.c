@@ -1023,6 +1023,19 @@ static PyObject *strings_result(Col *cols, int ncols) {
     return out;
 }
 
+/* row r of ncols columns from a list or tuple of str/None (None as the row: all null) */
+static int strings_put_row(Col *cols, int ncols, Py_ssize_t r, PyObject *row) {
+    int is_list = PyList_Check(row), is_tuple = PyTuple_Check(row);
+    if (row != Py_None && !is_list && !is_tuple) { PyErr_SetString(PyExc_TypeError, "a row is a list, tuple or None"); return -1; }
+    Py_ssize_t have = row == Py_None ? ncols : is_list ? PyList_GET_SIZE(row) : PyTuple_GET_SIZE(row);
+    if (have < ncols) { PyErr_SetString(PyExc_ValueError, "row too short"); return -1; }
+    for (int c = 0; c < ncols; c++) {
+        PyObject *v = row == Py_None ? Py_None : is_list ? PyList_GET_ITEM(row, c) : PyTuple_GET_ITEM(row, c);
+        if (strings_put_object(&cols[c], r, v) < 0) return -1;
+    }
+    return 0;
+}
+
 /* text_columns(rows, ncols) -> [(validity, offsets, data), ...]: Arrow large_string
  * columns from rows of str/None (lists or tuples; None as a row: all null; any other
  * value, e.g. the unchanged-TOAST marker, is null).  ncols == 0: each row is one
@@ -1038,15 +1051,7 @@ static PyObject *text_columns(PyObject *self, PyObject *args) {
     Py_ssize_t n = PyList_GET_SIZE(rows);
     for (Py_ssize_t r = 0; r < n; r++) {
         PyObject *row = PyList_GET_ITEM(rows, r);
-        for (int c = 0; c < width; c++) {
-            PyObject *v;
-            if (!ncols) v = row;
-            else if (row == Py_None) v = Py_None;
-            else if (PyList_Check(row) && PyList_GET_SIZE(row) > c) v = PyList_GET_ITEM(row, c);
-            else if (PyTuple_Check(row) && PyTuple_GET_SIZE(row) > c) v = PyTuple_GET_ITEM(row, c);
-            else { PyErr_SetString(PyExc_ValueError, "row too short"); goto fail; }
-            if (strings_put_object(&cols[c], r, v) < 0) goto fail;
-        }
+        if (ncols ? strings_put_row(cols, ncols, r, row) < 0 : strings_put_object(&cols[0], r, row) < 0) goto fail;
     }
     return strings_result(cols, width);
 fail:
@@ -1091,14 +1096,7 @@ static PyObject *stage_values(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "row values: list, message or None");
             goto fail;
         }
-        for (int c = 0; c < ncols; c++) {
-            PyObject *v = Py_None;
-            if (vals != Py_None) {
-                if (PyList_GET_SIZE(vals) <= c) { PyErr_SetString(PyExc_ValueError, "row too short"); goto fail; }
-                v = PyList_GET_ITEM(vals, c);
-            }
-            if (strings_put_object(&cols[c], r, v) < 0) goto fail;
-        }
+        if (strings_put_row(cols, ncols, r, vals) < 0) goto fail;
     }
     return strings_result(cols, ncols);
 fail:
