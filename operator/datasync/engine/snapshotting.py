@@ -24,8 +24,9 @@ Why this shape:
   batches, the way DuckDB's own postgres_scanner loads: DuckDB's threads pull
   batches from the queue and each compresses and writes its own row groups as
   they fill (``write_buffer_row_group_count = 1``; insertion order is not kept,
-  which lets DuckDB insert in parallel and merge the threads' partial row groups
-  into whole ones at the end).  Compressing row groups is DuckDB's main cost.
+  which lets DuckDB insert in parallel).  Each thread ends with a partial row
+  group, which ``_gather_partial_row_groups`` then moves to the table's end.
+  Compressing row groups is DuckDB's main cost.
   Earlier designs had a DuckDB connection per worker, each committing every few
   row groups: DuckDB compresses a transaction's unwritten row groups at commit,
   and commits run one at a time, so the workers queued behind each other and
@@ -60,6 +61,9 @@ from datasync.engine import pgoutput
 from datasync.identifiers import quote
 from datasync.sources import catalog, connecting
 from datasync.targets import duckfile
+
+if pgoutput.SPEEDUPS:
+    from datasync.engine import _speedups  # type: ignore[attr-defined]
 
 PAGES_PER_CHUNK = 1024
 IN_FLIGHT_BYTES = 128 << 20  # decoded chunks DuckDB may hold before the stream waits (see room_bytes)
@@ -158,8 +162,6 @@ def read_binary(conn: Any, sql: str, plan: BinaryPlan, sizes: list[int] | None =
     column's buffers are reserved at the last chunk's sizes instead of grown.
     """
     import psycopg2._psycopg  # the module whose libpq holds ``conn``
-
-    from datasync.engine import _speedups  # type: ignore[attr-defined]
 
     try:
         nrows, columns = _speedups.copy_decode(
@@ -331,8 +333,6 @@ def _wait_for_room(failed: threading.Event, room: float) -> None:
     """
     if not pgoutput.SPEEDUPS:
         return
-    from datasync.engine import _speedups  # type: ignore[attr-defined]
-
     deadline = time.monotonic() + ROOM_WAIT
     while _speedups.pool_stats()[5] > room and time.monotonic() < deadline and not failed.is_set():
         time.sleep(0.005)
@@ -499,7 +499,8 @@ def copy_table(
         target.con.execute(f"SET threads = {threads_before}")
         if collecting:
             gc.enable()
-        _speedups_trim()
+        if pgoutput.SPEEDUPS:
+            _speedups.pool_trim()  # the decoder's pooled buffers go back to the kernel: this copy is over
     _gather_partial_row_groups(target.con, target_name)
     return total
 
@@ -534,11 +535,3 @@ def _gather_partial_row_groups(con: Any, name: identifiers.TableName) -> None:
     except BaseException:
         _rollback(con)
         raise
-
-
-def _speedups_trim() -> None:
-    """The decoder's pooled buffers go back to the kernel: this copy is over."""
-    if pgoutput.SPEEDUPS:
-        from datasync.engine import _speedups  # type: ignore[attr-defined]
-
-        _speedups.pool_trim()
