@@ -309,27 +309,38 @@ static PyObject *NEEDS_TEXT = NULL;
 #define MAP_MIN ((Py_ssize_t)1 << 16)
 #define POOL_SLOTS 128
 #define POOL_BYTES ((Py_ssize_t)64 << 20)
+typedef struct { char *p; Py_ssize_t cap; } Mapping;
 static struct {
-    char *p[POOL_SLOTS]; Py_ssize_t cap[POOL_SLOTS]; int n; Py_ssize_t bytes;
+    Mapping slot[POOL_SLOTS];  /* oldest first */
+    int n;
+    Py_ssize_t bytes;
     long long taken, missed, kept, dropped;  /* for pool_stats() */
     Py_ssize_t live;  /* bytes of mapped buffers in use (handed to Arrow or being filled) */
 } pool;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* with pool_lock: take slot i out, keeping the others in age order */
+static Mapping pool_remove(int i) {
+    Mapping m = pool.slot[i];
+    pool.bytes -= m.cap;
+    pool.n--;
+    memmove(pool.slot + i, pool.slot + i + 1, (pool.n - i) * sizeof pool.slot[0]);
+    return m;
+}
 
 /* the smallest pooled mapping of at least cap bytes (and at most twice that): its size in *got */
 static char *pool_take(Py_ssize_t cap, Py_ssize_t *got) {
     char *p = NULL;
     int best = -1;
     pthread_mutex_lock(&pool_lock);
-    for (int i = 0; i < pool.n; i++)
-        if (pool.cap[i] >= cap && pool.cap[i] <= 2 * cap && (best < 0 || pool.cap[i] < pool.cap[best])) best = i;
+    for (int i = 0; i < pool.n; i++) {
+        Py_ssize_t c = pool.slot[i].cap;
+        if (c >= cap && c <= 2 * cap && (best < 0 || c < pool.slot[best].cap)) best = i;
+    }
     if (best >= 0) {
-        p = pool.p[best];
-        *got = pool.cap[best];
-        pool.bytes -= *got;
-        pool.n--;
-        memmove(pool.p + best, pool.p + best + 1, (pool.n - best) * sizeof pool.p[0]);
-        memmove(pool.cap + best, pool.cap + best + 1, (pool.n - best) * sizeof pool.cap[0]);
+        Mapping m = pool_remove(best);
+        p = m.p;
+        *got = m.cap;
         pool.taken++;
     } else {
         pool.missed++;
@@ -340,28 +351,23 @@ static char *pool_take(Py_ssize_t cap, Py_ssize_t *got) {
 
 /* keeps the newest buffers: the oldest (of sizes no longer asked for) go back first */
 static void pool_give(char *p, Py_ssize_t cap) {
-    char *out[POOL_SLOTS + 1];
-    Py_ssize_t outcap[POOL_SLOTS + 1];
+    Mapping out[POOL_SLOTS + 1];
     int nout = 0;
     pthread_mutex_lock(&pool_lock);
     if (cap > POOL_BYTES) {
-        out[nout] = p; outcap[nout++] = cap;
+        out[nout++] = (Mapping){p, cap};
         pool.dropped++;
     } else {
         while (pool.n > 0 && (pool.n == POOL_SLOTS || pool.bytes + cap > POOL_BYTES)) {
-            out[nout] = pool.p[0]; outcap[nout++] = pool.cap[0];  /* the oldest */
-            pool.bytes -= pool.cap[0];
-            pool.n--;
-            memmove(pool.p, pool.p + 1, pool.n * sizeof pool.p[0]);
-            memmove(pool.cap, pool.cap + 1, pool.n * sizeof pool.cap[0]);
+            out[nout++] = pool_remove(0);
             pool.dropped++;
         }
-        pool.p[pool.n] = p; pool.cap[pool.n] = cap; pool.n++;
+        pool.slot[pool.n++] = (Mapping){p, cap};
         pool.bytes += cap;
         pool.kept++;
     }
     pthread_mutex_unlock(&pool_lock);
-    for (int i = 0; i < nout; i++) munmap(out[i], outcap[i]);
+    for (int i = 0; i < nout; i++) munmap(out[i].p, out[i].cap);
 }
 
 static void live_add(Py_ssize_t n) {
@@ -374,19 +380,19 @@ static void live_add(Py_ssize_t n) {
  * fared, and the bytes of column buffers alive (decoded, not yet let go by Arrow) */
 static PyObject *pool_stats(PyObject *self, PyObject *unused) {
     pthread_mutex_lock(&pool_lock);
-    PyObject *r = Py_BuildValue("(LLLLnn)", pool.taken, pool.missed, pool.kept, pool.dropped, pool.bytes, pool.live);
+    long long taken = pool.taken, missed = pool.missed, kept = pool.kept, dropped = pool.dropped;
+    Py_ssize_t bytes = pool.bytes, live = pool.live;
     pthread_mutex_unlock(&pool_lock);
-    return r;
+    return Py_BuildValue("(LLLLnn)", taken, missed, kept, dropped, bytes, live);
 }
 
 /* pool_trim(): give every pooled buffer back to the kernel (a snapshot ended) */
 static PyObject *pool_trim(PyObject *self, PyObject *unused) {
     pthread_mutex_lock(&pool_lock);
     while (pool.n > 0) {
-        pool.n--;
-        munmap(pool.p[pool.n], pool.cap[pool.n]);
+        Mapping m = pool_remove(pool.n - 1);
+        munmap(m.p, m.cap);
     }
-    pool.bytes = 0;
     pthread_mutex_unlock(&pool_lock);
     Py_RETURN_NONE;
 }
