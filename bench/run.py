@@ -137,30 +137,33 @@ def generate_changes(dsn: str, name: str) -> int:
 def raw_receive(dsn: str, slot: str, publication: str, upto: int, native: bool = True) -> tuple[int, float]:
     """The source limit: the same stream, received and discarded (confirmed as we go).
 
+    Timed as our apply is: from the first message read to the last commit read.
     ``native``: read with our C reader (the strongest receiver); otherwise with
     psycopg2's ``read_message`` (what a plain Python consumer gets).
     """
     stream = receiving.Stream(dsn, slot, publication, native=native)
-    started = time.perf_counter()
+    started = last_at = 0.0
     n = 0
     last_end = 0
     while True:
         msgs = stream.read(10_000, 0.05)
+        if msgs and not started:
+            started = time.perf_counter()
         for data in msgs:
             tag = data[0]
             if tag in (0x49, 0x55, 0x44):
                 n += 1
             elif tag == 0x43:
                 last_end = pgoutput.decode(data).end_lsn  # type: ignore[union-attr]
+                last_at = time.perf_counter()
         if msgs:
             stream.confirm(last_end)
             continue
         if stream.wal_end >= upto:
             break
         stream.request_status()
-    elapsed = time.perf_counter() - started
     stream.close()
-    return n, elapsed
+    return n, last_at - started
 
 
 def apply_alone(dsn: str, before: str, name: str, slot: str, upto: int) -> float:
@@ -227,7 +230,10 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
     n_py, py_s = raw_receive(dsn, "bench_raw_py", slot, upto, native=False)
     started = time.perf_counter()
     res = syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot, batch_changes=100_000))
-    ours_s = time.perf_counter() - started
+    whole_s = time.perf_counter() - started
+    # as the issue defines it: from the first change read to the target holding the last one
+    assert res.stats.first_read_at is not None and res.stats.last_applied_at is not None
+    ours_s = res.stats.last_applied_at - res.stats.first_read_at
     # the source limit again, after us: the first reader of the WAL pays for a cold cache
     n_after, after_s = raw_receive(dsn, "bench_raw_after", slot, upto)
     console.print(f"raw receive: {n_raw / raw_s:,.0f}/s before ours, {n_after / after_s:,.0f}/s after (best used)")
@@ -243,6 +249,8 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
     results.add_row("apply 270k changes", f"{changes / ours_s:,.0f}", f"{n_raw / raw_s:,.0f}",
                     f"{(changes / ours_s) / (n_raw / raw_s):.2f}", f"{naive:,.0f}",
                     f"{(changes / ours_s) / naive:,.0f}×", "✓")
+    results.add_row("  (whole run: start-up, stream, final checkpoint)", f"{changes / whole_s:,.0f}", f"{n_raw / raw_s:,.0f}",
+                    f"{(changes / whole_s) / (n_raw / raw_s):.2f}", "-", "-", "-")
     results.add_row("  (raw via psycopg2 read_message)", "-", f"{n_py / py_s:,.0f}",
                     f"{(changes / ours_s) / (n_py / py_s):.2f}", "-", "-", "-")
     results.add_row("  (apply alone: recorded stream)", f"{alone:,.0f}", "-", "-", "-", "-", "✓")

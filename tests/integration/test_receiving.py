@@ -124,14 +124,23 @@ def test_a_recorded_stream_replays_into_the_copy(pg: helpers.Source, tmp_path: P
             stream.request_status()
     finally:
         stream.close()
+    # the last read with changes already shows the end: a --once run must see it then, not
+    # after an empty poll (here 30 s long)
+    while not reads[-1][0]:
+        reads.pop()
+    reads[-1] = (reads[-1][0], max(upto, reads[-1][1]))
     target = duckfile.DuckTarget(replayed)
+    started = time.monotonic()
     try:
         with psycopg.connect(pg.dsn, autocommit=True) as control:
             stats = streaming.ChangeStream(
                 dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-                states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto),
+                states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto), poll_seconds=30,
             ).run(upto, threading.Event())
     finally:
         target.close()
+    assert time.monotonic() - started < 10
     assert stats.changes == 250 + 100 + 200
+    assert stats.first_read_at is not None and stats.last_applied_at is not None
+    assert started < stats.first_read_at <= stats.last_applied_at
     assert helpers.assert_same(pg, replayed, "r") == 600

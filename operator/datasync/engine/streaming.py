@@ -36,6 +36,7 @@ from datasync.targets import duckfile
 log = logging.getLogger(__name__)
 
 decode_change = pgoutput.decode_change
+READ_MESSAGES = 10_000  # messages taken from the read-ahead at a time
 STOP_GRACE_SECONDS = 5.0  # on SIGTERM, how long to wait for a transaction still arriving
 # Folded changes are hundreds of thousands of young lists: Python's cyclic
 # collector rescans them over and over while a batch grows (~15% of CDC time).
@@ -57,6 +58,10 @@ class Stats:
     lag_bytes: int = 0
     confirmed_lsn: int = 0  # the slot's position: past applied_lsn when idle WAL was skipped
     started: float = dataclasses.field(default_factory=time.monotonic)
+    # monotonic times: the first message read from the slot, the latest commit that applied changes
+    # (between the two: the apply rate as the benchmark defines it, without start-up and the final checkpoint)
+    first_read_at: float | None = None
+    last_applied_at: float | None = None
     # the latest per-batch lags (bounded: --follow runs for months)
     lag_samples: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10_000))
 
@@ -131,8 +136,10 @@ class ChangeStream:
         self._collected = self._collected_all = time.monotonic()
         try:
             while True:
-                msgs = stream.read(10_000, self.poll_seconds)
+                msgs = stream.read(READ_MESSAGES, self.poll_seconds)
                 i, nmsgs = 0, len(msgs)
+                if nmsgs and self.stats.first_read_at is None:
+                    self.stats.first_read_at = time.monotonic()
                 while i < nmsgs:
                     if in_txn and not skip_txn and self._txn_index >= skip_upto:
                         # the hot path: runs of ordinary changes folded in one call
@@ -233,12 +240,17 @@ class ChangeStream:
                     continue
                 # between transactions: commit the batch when due, check the exit conditions
                 due = time.monotonic() - batch_started >= self.max_batch_seconds
-                if open_batch and done_txns and (not msgs or due or stopping_since is not None):
+                reached = until is not None and stream.wal_end >= until
+                if open_batch and done_txns and (not msgs or due or reached or stopping_since is not None):
                     self._commit(last_end, last_ts)
                     open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
-                if stopping_since is not None:
+                if stopping_since is not None or reached:
                     break
                 if msgs:
+                    if until is not None and nmsgs < READ_MESSAGES:
+                        # caught up with what arrived: ask how far the server has sent now, so the
+                        # end of a --once run is seen without waiting out an empty poll
+                        stream.request_status()
                     continue
                 if pins is not None and (wanted := pins.wanted()) is not None:
                     if stream.wal_end >= wanted:  # every transaction committed before the pin is applied
@@ -249,8 +261,6 @@ class ChangeStream:
                     else:
                         stream.request_status()
                 if until is not None:
-                    if stream.wal_end >= until:
-                        break
                     stream.request_status()
                 else:
                     if not open_batch:
@@ -331,6 +341,7 @@ class ChangeStream:
         self.stats.batches += 1
         if self._stream is not None:
             self._stream.confirm(lsn)
+        self.stats.last_applied_at = time.monotonic()
         if commit_ts is not None:
             self.stats.last_commit_ts_us = commit_ts
             lag = time.time() - (commit_ts + pgoutput.PG_EPOCH_US) / 1e6
