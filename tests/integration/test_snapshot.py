@@ -308,3 +308,29 @@ def test_text_chunks_load_beside_the_binary_stream(pg: helpers.Source, duck_path
                "UPDATE mixedinf SET ts = 'infinity' WHERE id IN (5000, 15000)")
     helpers.sync_once(pg, duck_path, "mixedinf")
     assert helpers.assert_same(pg, duck_path, "public.mixedinf") == 20_000
+
+
+def test_sync_never_imports_pyarrow_dataset(pg: helpers.Source, tmp_path: object) -> None:
+    """The snapshot stream and the CDC stage reach DuckDB as bare Arrow C streams: DuckDB then
+    scans them without importing pyarrow.dataset (with numpy and pyarrow.compute: ~0.1 s of CPU)."""
+    import subprocess
+    import sys
+
+    pg.execute("CREATE TABLE lean (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO lean SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+    target = f"{tmp_path}/lean.duckdb"
+    helpers.sync_once(pg, target, "lean")
+    pg.execute("UPDATE lean SET v = 'x' WHERE id % 10 = 0; DELETE FROM lean WHERE id % 7 = 0")
+    script = (
+        "import sys\n"
+        "from datasync.engine import syncing\n"
+        f"syncing.run(syncing.Options(source={pg.dsn!r}, target={target!r}, tables=['lean', 'lean_new']))\n"
+        "print('pyarrow.dataset' in sys.modules)\n"
+    )
+    pg.execute("CREATE TABLE lean_new (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO lean_new SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
+    assert helpers.assert_same(pg, target, "public.lean") == 5000 - 714
+    assert helpers.assert_same(pg, target, "public.lean_new") == 5000

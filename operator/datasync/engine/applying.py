@@ -209,7 +209,8 @@ class TableApplier:
         key_cols_meta = [self._column(k) for k in self.state.key]
         t = self.target.sql
         names = ", ".join(quote(c.name) for c in cols)
-        self.con.register("_ds_stage", stage)
+        # the fast path reads the stage once: as a bare Arrow C stream (no pyarrow.dataset import in DuckDB)
+        self.con.register("_ds_stage", stage if unchanged_cols else duckfile.arrow_stream(stage))
         try:
             if unchanged_cols:
                 exprs = []

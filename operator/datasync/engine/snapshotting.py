@@ -338,22 +338,6 @@ def _wait_for_room(failed: threading.Event, room: float) -> None:
         time.sleep(0.005)
 
 
-class _Stream:
-    """The batches as a bare Arrow C stream.
-
-    Handed a ``pyarrow.RecordBatchReader``, DuckDB wraps it in a
-    ``pyarrow.dataset`` scanner whose read-ahead kept pulling from the queue:
-    decoded chunks piled up (~1 GB of buffers alive at 5M rows).  Through the
-    C stream interface DuckDB pulls a batch when it has room for one.
-    """
-
-    def __init__(self, reader: pa.RecordBatchReader) -> None:
-        self.reader = reader
-
-    def __arrow_c_stream__(self, requested_schema: object = None) -> object:
-        return self.reader.__arrow_c_stream__(requested_schema)
-
-
 def _out_of_range(table: catalog.Table, exc: duckdb.ConversionException) -> errors.TargetError:
     return errors.value_out_of_range(
         str(table.name),
@@ -364,7 +348,7 @@ def _out_of_range(table: catalog.Table, exc: duckdb.ConversionException) -> erro
 
 
 def _inserting(
-    con: Any, sql: str, source: _Stream, table: catalog.Table, out: queue.Queue[Any],
+    con: Any, sql: str, source: object, table: catalog.Table, out: queue.Queue[Any],
     failed: threading.Event,
 ) -> None:
     """One INSERT over the whole stream of binary chunks, in parallel inside DuckDB, one commit."""
@@ -461,7 +445,7 @@ def copy_table(
                                     daemon=True))
     if plan is not None:
         schema = pa.schema([pa.field(f"c{i}", typ) for i, typ in enumerate(plan.types)])
-        source = _Stream(pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed, duck_threads)))
+        source = duckfile.arrow_stream(pa.RecordBatchReader.from_batches(schema, _batches(decoded, out, failed, duck_threads)))
         threads.append(threading.Thread(target=_inserting, args=(cons[1], inserts["binary"], source, table, out, failed),
                                         daemon=True))
     for t in threads:
