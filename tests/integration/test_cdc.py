@@ -5,6 +5,7 @@ from __future__ import annotations
 import duckdb
 import psycopg
 
+from datasync.engine import pgoutput
 from tests import helpers
 
 
@@ -160,3 +161,20 @@ def test_slot_and_publication_names(pg: helpers.Source, tmp_path: object) -> Non
     assert (custom.slot, custom.publication) == ("custom_slot", "custom_pub")
     assert set(pg.slots()) == {res.slot, "custom_slot"}
     assert set(pg.publications()) == {res.slot, "custom_pub"}
+
+
+def test_cli_summary_and_quiet(pg: helpers.Source, duck_path: str) -> None:
+    """The CLI's closing line says how far the copy is in sync; --quiet prints nothing at all."""
+    pg.execute("CREATE TABLE said (id int PRIMARY KEY, v text); INSERT INTO said SELECT g, 'x' FROM generate_series(1, 50) g")
+    args = ("sync", "--source", pg.dsn, "--target", duck_path, "--table", "said", "--once")
+    first = helpers.cli(*args)
+    assert first.returncode == 0, first.stderr
+    said = " ".join(first.stderr.split())
+    assert "public.said 50 rows; 0 changes in 0 transactions applied, in sync up to " in said
+    position = pgoutput.parse_lsn(said.split("in sync up to ")[1].split()[0])
+    (current,) = pg.query("SELECT pg_current_wal_lsn()::text")[0]
+    assert 0 < position <= pgoutput.parse_lsn(current)  # the slot's position, not 0/0, before any change applied
+    pg.execute("UPDATE said SET v = 'y' WHERE id <= 10")
+    quiet = helpers.cli(*args, "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+    assert helpers.assert_same(pg, duck_path, "public.said") == 50
