@@ -166,6 +166,7 @@ def raw_receive(dsn: str, slot: str, publication: str, upto: int, native: bool =
             break
         stream.request_status()
     stream.close()
+    assert n and last_at > started, f"the raw receiver from {slot} got no changes"
     return n, last_at - started
 
 

@@ -19,6 +19,7 @@ class FakeStream:
         self.wal_end = 0
         self.confirmed: list[tuple[int, bool]] = []
         self.status_requests = 0
+        self.refuse_status = 0  # status requests to turn down as "too soon" first
         self.threads: set[str] = set()
         self.closed = False
 
@@ -39,9 +40,13 @@ class FakeStream:
         self.threads.add(threading.current_thread().name)
         self.confirmed.append((lsn, force))
 
-    def request_status(self, min_interval: float = 0.05) -> None:
+    def request_status(self, min_interval: float = 0.05) -> bool:
         self.threads.add(threading.current_thread().name)
+        if self.refuse_status:
+            self.refuse_status -= 1
+            return False
         self.status_requests += 1
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -93,4 +98,18 @@ def test_read_ahead_is_bounded_in_bytes() -> None:
     while fake.sent == held:  # room again: reading resumes
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    pre.close()
+
+
+def test_a_status_request_turned_down_as_too_soon_is_sent_later() -> None:
+    """Requests are spaced out by the stream; the last one before the end of a --once run must not be lost."""
+    fake = FakeStream(0)
+    fake.refuse_status = 3
+    pre = receiving.Prefetched(fake, max_bytes=64, batch=3, poll=0.01)  # type: ignore[arg-type]
+    pre.request_status()
+    deadline = time.monotonic() + 2
+    while fake.status_requests == 0:
+        assert time.monotonic() < deadline, "the status request was dropped"
+        time.sleep(0.01)
+    assert fake.refuse_status == 0 and fake.status_requests == 1
     pre.close()

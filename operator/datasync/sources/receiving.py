@@ -60,7 +60,7 @@ class Source(Protocol):
 
     def confirm(self, lsn: int, *, force: bool = False) -> None: ...
 
-    def request_status(self, min_interval: float = 0.05) -> None: ...
+    def request_status(self, min_interval: float = 0.05) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -88,8 +88,8 @@ class Recorded:
     def confirm(self, lsn: int, *, force: bool = False) -> None:
         pass
 
-    def request_status(self, min_interval: float = 0.05) -> None:
-        pass
+    def request_status(self, min_interval: float = 0.05) -> bool:
+        return True
 
     def close(self) -> None:
         pass
@@ -199,16 +199,18 @@ class Stream:
             if force or (self._flushed > self._reported and due):
                 self._send_status()
 
-    def request_status(self, min_interval: float = 0.05) -> None:
-        """Ask the walsender for a keepalive (it carries how far it has sent)."""
+    def request_status(self, min_interval: float = 0.05) -> bool:
+        """Ask the walsender for a keepalive (it carries how far it has sent); False: too soon, not sent."""
         now = time.monotonic()
-        if now - self._last_status_request >= min_interval:
-            self._last_status_request = now
-            with _guarded():
-                if self._speedups is None:
-                    self.cur.send_feedback(reply=True, force=True)
-                else:
-                    self._send_status(reply=True)
+        if now - self._last_status_request < min_interval:
+            return False
+        self._last_status_request = now
+        with _guarded():
+            if self._speedups is None:
+                self.cur.send_feedback(reply=True, force=True)
+            else:
+                self._send_status(reply=True)
+        return True
 
     def close(self) -> None:
         """Send a confirmation still owed (confirmations are spaced out), then hang up."""
@@ -259,8 +261,9 @@ class Prefetched:
             status, self._status = self._status, False
         if confirm is not None:
             self.stream.confirm(confirm[0], force=confirm[1])
-        if status:
-            self.stream.request_status()
+        if status and not self.stream.request_status():
+            with self._lock:
+                self._status = True  # too soon after the last one: sent on a later pass, not dropped
 
     def _run(self) -> None:
         try:
@@ -317,9 +320,10 @@ class Prefetched:
             prior = self._confirm
             self._confirm = (max(lsn, prior[0]) if prior else lsn, force or bool(prior and prior[1]))
 
-    def request_status(self, min_interval: float = 0.05) -> None:
+    def request_status(self, min_interval: float = 0.05) -> bool:
         with self._lock:
             self._status = True
+        return True  # handed to the reader thread, which sends it as soon as the spacing allows
 
     def close(self) -> None:
         """Send what is pending, stop the thread, close the connection."""
