@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 # rich (and the progress module built on it) is imported where something is drawn:
-# ~40 ms of a start-up that a `sync --once --quiet` run (cron jobs, the benchmarks) never uses
+# ~20 ms of a start-up that a `sync --once --quiet` run (cron jobs, the benchmarks) never uses
 
 
 def _console(**kw: Any) -> Console:
