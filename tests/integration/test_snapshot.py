@@ -157,11 +157,44 @@ def test_all_types_binary_copy_path(pg: helpers.Source, duck_path: str, monkeypa
     assert helpers.assert_same(pg, duck_path, "public.alltypes") == 3 + 4991
 
 
-def test_infinity_falls_back_to_text(pg: helpers.Source, duck_path: str) -> None:
-    pg.execute("CREATE TABLE inf (id int PRIMARY KEY, d date, ts timestamptz);"
-               "INSERT INTO inf VALUES (1, 'infinity', '-infinity'), (2, '2020-01-01', '2020-01-01 00:00:00+00')")
+def test_infinity_travels_binary(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
+    """±infinity dates and timestamps (open-ended validity columns) stay on the binary path:
+    they travel as the values DuckDB itself reads as ±infinity."""
+    from datasync.engine import snapshotting
+
+    def no_text(*args: object) -> None:
+        raise AssertionError("the text path was used")
+
+    monkeypatch.setattr(snapshotting, "read_csv", no_text)  # type: ignore[attr-defined]
+    pg.execute("CREATE TABLE inf (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz);"
+               "INSERT INTO inf VALUES (1, 'infinity', '-infinity', 'infinity'), (2, '-infinity', 'infinity', '-infinity'),"
+               " (3, '2020-01-01', '2020-01-01 00:00:00', '2020-01-01 00:00:00+00'), (4, NULL, NULL, NULL);"
+               "INSERT INTO inf SELECT g, 'infinity', '-infinity', 'infinity' FROM generate_series(5, 20000) g")
     helpers.sync_once(pg, duck_path, "inf")
-    assert helpers.assert_same(pg, duck_path, "public.inf") == 2
+    assert helpers.assert_same(pg, duck_path, "public.inf") == 20_000
+    con = duckdb.connect(duck_path, read_only=True)
+    rows = con.execute(
+        "SELECT id, d = 'infinity'::date, d = '-infinity'::date, ts = 'infinity'::timestamp, "
+        "ts = '-infinity'::timestamp, tz = 'infinity'::timestamptz, tz = '-infinity'::timestamptz, "
+        "d::varchar, ts::varchar FROM public.inf WHERE id <= 4 ORDER BY id").fetchall()
+    con.close()
+    assert rows == [
+        (1, True, False, False, True, True, False, "infinity", "-infinity"),
+        (2, False, True, True, False, False, True, "-infinity", "infinity"),
+        (3, False, False, False, False, False, False, "2020-01-01", "2020-01-01 00:00:00"),
+        (4, None, None, None, None, None, None, None, None),
+    ]
+
+
+def test_values_past_duckdb_fall_back_to_text(pg: helpers.Source, duck_path: str) -> None:
+    """An interval beyond Arrow's nanoseconds sends its chunk through the text path; DuckDB holds it."""
+    pg.execute("CREATE TABLE longiv (id int PRIMARY KEY, iv interval);"
+               "INSERT INTO longiv VALUES (1, '3000000 hours'), (2, '1 day 02:03:04.5')")
+    helpers.sync_once(pg, duck_path, "longiv")
+    assert helpers.assert_same(pg, duck_path, "public.longiv") == 2
+    con = duckdb.connect(duck_path, read_only=True)
+    assert con.execute("SELECT iv::varchar FROM public.longiv WHERE id = 1").fetchone() == ("3000000:00:00",)
+    con.close()
 
 
 def test_snapshot_writes_whole_row_groups(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
@@ -298,16 +331,20 @@ def test_room_never_starves_duckdb_of_a_row_group_per_thread() -> None:
 
 
 def test_text_chunks_load_beside_the_binary_stream(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
-    """A ±infinity chunk among binary ones goes through its own connection; the copy is still whole."""
+    """A chunk that needs the text path among binary ones goes through its own connection; the copy is still whole."""
     from datasync.engine import snapshotting
 
     monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 8)  # type: ignore[attr-defined]
-    pg.execute("CREATE TABLE mixedinf (id bigint PRIMARY KEY, ts timestamptz, v text);"
-               "INSERT INTO mixedinf SELECT g, timestamptz '2024-01-01' + g * interval '1 min', md5(g::text) "
-               "FROM generate_series(1, 20000) g;"
-               "UPDATE mixedinf SET ts = 'infinity' WHERE id IN (5000, 15000)")
+    pg.execute("CREATE TABLE mixedinf (id bigint PRIMARY KEY, ts timestamptz, iv interval, v text);"
+               "INSERT INTO mixedinf SELECT g, timestamptz '2024-01-01' + g * interval '1 min', g * interval '1 s', "
+               "md5(g::text) FROM generate_series(1, 20000) g;"
+               "UPDATE mixedinf SET iv = interval '3000000 hours' WHERE id IN (5000, 15000)")
+    real, texts = snapshotting.read_csv, []
+    monkeypatch.setattr(snapshotting, "read_csv",  # type: ignore[attr-defined]
+                        lambda data, ncols: (texts.append(1), real(data, ncols))[1])
     helpers.sync_once(pg, duck_path, "mixedinf")
     assert helpers.assert_same(pg, duck_path, "public.mixedinf") == 20_000
+    assert 1 <= len(texts) <= 2  # the chunk(s) holding the updated rows, and only those
 
 
 def test_sync_never_imports_pyarrow_dataset(pg: helpers.Source, tmp_path: object) -> None:

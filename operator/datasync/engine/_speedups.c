@@ -284,8 +284,9 @@ static PyObject *fold_changes(PyObject *self, PyObject *args) {
  * kinds: one byte per column (see snapshotting.py); scales: decimal scale per column;
  * sizes: a list the reader keeps between its chunks (3 ints per column): read as the
  * buffers to reserve, overwritten with this chunk's byte counts.
- * Raises NeedsText for values Arrow cannot hold (±infinity dates/timestamps): the caller
- * then reads that chunk through the text path.
+ * Raises NeedsText for values Arrow cannot hold (timestamps past DuckDB's end, intervals
+ * beyond Arrow's nanoseconds): the caller then reads that chunk through the text path.
+ * ±infinity dates and timestamps travel as the values DuckDB itself reads as ±infinity.
  *
  * The per-row work runs without the GIL (the other snapshot workers and DuckDB need
  * it); buffers come from the raw allocator and are handed to Arrow without a copy.
@@ -586,19 +587,23 @@ static int decode_row(Decoder *d, const unsigned char *buf, Py_ssize_t pos) {
         case 'l': case 'd': case 'm': { uint64_t v = valid ? rd64(p) : 0; DPUT(buf_put(&c->data, &v, 8)); break; }
         case 'b': { uint8_t v = valid ? p[0] : 0; DPUT(buf_put(&c->data, &v, 1)); break; }
         case 'D': {
+            /* ±infinity: DuckDB reads date32 INT32_MAX / -INT32_MAX as its own ±infinity */
             int32_t v = valid ? (int32_t)rd32(p) : 0;
-            if (valid && (v == INT32_MAX || v == INT32_MIN)) DFAIL(D_TEXT, "infinite date");
-            v += valid ? (int32_t)PG_EPOCH_DAYS : 0;
+            if (v == INT32_MIN) v = -INT32_MAX;
+            else if (valid && v != INT32_MAX) v += (int32_t)PG_EPOCH_DAYS;
             DPUT(buf_put(&c->data, &v, 4));
             break;
         }
         case 't': case 'T': {
+            /* ±infinity: DuckDB reads timestamp INT64_MAX / -INT64_MAX as its own ±infinity */
             int64_t v = valid ? (int64_t)rd64(p) : 0;
-            if (valid && (v == INT64_MAX || v == INT64_MIN)) DFAIL(D_TEXT, "infinite timestamp");
-            /* DuckDB counts from 1970 and ends 30 years before PostgreSQL: never wrap, let the
-               text path report the value DuckDB cannot hold */
-            if (valid && v > INT64_MAX - 1 - PG_EPOCH_US) DFAIL(D_TEXT, "timestamp beyond DuckDB");
-            v += valid ? PG_EPOCH_US : 0;
+            if (v == INT64_MIN) v = -INT64_MAX;
+            else if (valid && v != INT64_MAX) {
+                /* DuckDB counts from 1970 and ends 30 years before PostgreSQL: never wrap, let
+                   the text path report the value DuckDB cannot hold */
+                if (v > INT64_MAX - 1 - PG_EPOCH_US) DFAIL(D_TEXT, "timestamp beyond DuckDB");
+                v += PG_EPOCH_US;
+            }
             DPUT(buf_put(&c->data, &v, 8));
             break;
         }

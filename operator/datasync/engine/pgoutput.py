@@ -159,7 +159,7 @@ class DecodeError(ValueError):
 
 
 class NeedsText(ValueError):
-    """A binary COPY value Arrow cannot hold (±infinity): read that chunk as text."""
+    """A binary COPY value Arrow cannot hold (an interval beyond its nanoseconds): read that chunk as text."""
 
 
 _I16 = struct.Struct("!h")

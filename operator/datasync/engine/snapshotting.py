@@ -7,9 +7,12 @@ Why this shape:
   intervals natively; text as strings); DuckDB bulk-inserts the Arrow table.  No
   value passes through Python objects.  Types without a fixed binary layout are
   selected as their output text (``format('%s', c)``) and get the same cast CDC
-  uses (``sources.typemaps``).  A chunk holding a value Arrow cannot represent
-  (±infinity) is re-read through the text path: ``COPY … (FORMAT csv)`` parsed by
-  pyarrow, every column cast with the CDC casts.
+  uses (``sources.typemaps``).  ±infinity dates and timestamps travel as the
+  values DuckDB reads as ±infinity (open-ended validity columns are common;
+  every chunk holding one used to take the much slower text path).  A chunk holding a value Arrow cannot
+  represent (an interval beyond its nanoseconds, a timestamp past DuckDB's end)
+  is re-read through the text path: ``COPY … (FORMAT csv)`` parsed by pyarrow,
+  every column cast with the CDC casts.
 - Chunks are CTID page ranges of each heap (leaf partitions for partitioned
   tables), read by N reader threads, each in a REPEATABLE READ transaction on
   the *same* exported snapshot: together they see one consistent state.
@@ -372,7 +375,7 @@ def _inserting(
 def _loading_text(
     con: Any, sql: str, texts: queue.Queue[Any], table: catalog.Table, out: queue.Queue[Any], failed: threading.Event,
 ) -> None:
-    """Chunks read through the text path (rare: ±infinity), each inserted as it comes."""
+    """Chunks read through the text path (rare: huge intervals), each inserted as it comes."""
     try:
         con.execute("BEGIN TRANSACTION")
         while (rows := _get(texts, failed)) is not None:
