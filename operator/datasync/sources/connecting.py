@@ -14,11 +14,13 @@ psycopg 3 (:func:`connect_psycopg3`) for its binary COPY.
 
 from __future__ import annotations
 
+import io
 import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.extras
 
 from datasync import errors
 
@@ -109,9 +111,11 @@ def connect_psycopg3(dsn: str, *, autocommit: bool = True) -> psycopg.Connection
         raise explain(dsn, str(exc), False) from None
 
 
-def connect_libpq2(dsn: str, **kwargs: Any) -> Any:
-    """A plain psycopg2 connection (the snapshot's readers, the replication stream)."""
-    return _connect2(dsn, "connection_factory" in kwargs, **kwargs)
+def connect_libpq2(dsn: str, *, logical_replication: bool = False) -> Any:
+    """A plain psycopg2 connection (the snapshot's readers), or a logical replication one (the stream)."""
+    if logical_replication:
+        return _connect2(dsn, True, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    return _connect2(dsn, False)
 
 
 def _connect2(dsn: str, for_replication: bool, **kwargs: Any) -> Any:
@@ -128,8 +132,6 @@ def _connect2(dsn: str, for_replication: bool, **kwargs: Any) -> Any:
 def copy_out(conn: Any, sql: str) -> bytes:
     """The bytes of ``COPY … TO STDOUT`` on either driver."""
     if isinstance(conn, psycopg2.extensions.connection):
-        import io
-
         buf = io.BytesIO()
         conn.cursor().copy_expert(sql, buf)
         return buf.getvalue()

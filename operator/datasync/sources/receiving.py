@@ -30,7 +30,6 @@ from typing import Any, Protocol
 
 import psycopg2
 import psycopg2._psycopg
-import psycopg2.extras
 
 from datasync import errors
 from datasync.sources import connecting
@@ -113,7 +112,7 @@ class Stream:
     def __init__(
         self, dsn: str, slot: str, publication: str, proto_version: int = 1, *, native: bool = True
     ) -> None:
-        self.conn = connecting.connect_libpq2(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+        self.conn = connecting.connect_libpq2(dsn, logical_replication=True)
         self.cur: Any = self.conn.cursor()
         try:
             self.cur.start_replication(
