@@ -9,10 +9,10 @@ Why this shape:
   selected as their output text (``format('%s', c)``) and get the same cast CDC
   uses (``sources.typemaps``).  ±infinity dates and timestamps travel as the
   values DuckDB reads as ±infinity (open-ended validity columns are common;
-  every chunk holding one used to take the much slower text path).  A chunk holding a value Arrow cannot
-  represent (an interval beyond its nanoseconds, a timestamp past DuckDB's end)
-  is re-read through the text path: ``COPY … (FORMAT csv)`` parsed by pyarrow,
-  every column cast with the CDC casts.
+  every chunk holding one used to take the much slower text path).  A chunk
+  holding a value Arrow cannot represent (an interval beyond its nanoseconds, a
+  timestamp past DuckDB's end) is re-read through the text path: ``COPY …
+  (FORMAT csv)`` parsed by pyarrow, every column cast with the CDC casts.
 - Chunks are CTID page ranges of each heap (leaf partitions for partitioned
   tables), read by N reader threads, each in a REPEATABLE READ transaction on
   the *same* exported snapshot: together they see one consistent state.
@@ -364,12 +364,7 @@ def _inserting(
         con.execute("COMMIT")
         out.put(_DONE)
     except BaseException as exc:
-        _rollback(con)
-        if failed.is_set():  # a reader failed and stopped the stream: it reports
-            out.put(_DONE)
-            return
-        failed.set()
-        out.put(_out_of_range(table, exc) if isinstance(exc, duckdb.ConversionException) else exc)
+        _failing(con, table, exc, out, failed)
 
 
 def _loading_text(
@@ -387,13 +382,19 @@ def _loading_text(
             out.put(rows.num_rows)
         con.execute("COMMIT")
         out.put(_DONE)
-    except _Failed:
-        _rollback(con)
-        out.put(_DONE)
     except BaseException as exc:
-        _rollback(con)
-        failed.set()
-        out.put(_out_of_range(table, exc) if isinstance(exc, duckdb.ConversionException) else exc)
+        _failing(con, table, exc, out, failed)
+
+
+def _failing(con: Any, table: catalog.Table, exc: BaseException, out: queue.Queue[Any], failed: threading.Event) -> None:
+    """An inserting thread ends on ``exc``: roll back; report it, unless another thread failed first
+    (then this is the fallout: that thread reports)."""
+    _rollback(con)
+    if isinstance(exc, _Failed) or failed.is_set():
+        out.put(_DONE)
+        return
+    failed.set()
+    out.put(_out_of_range(table, exc) if isinstance(exc, duckdb.ConversionException) else exc)
 
 
 def _rollback(con: Any) -> None:
