@@ -111,6 +111,16 @@ def test_no_target_file_created_on_source_error(pg: helpers.Source, duck_path: s
     assert not os.path.exists(duck_path)
 
 
+def test_a_new_target_in_a_missing_directory_fails_before_any_slot(pg: helpers.Source, tmp_path: object) -> None:
+    """A new target is opened only once the snapshot's readers run: its directory is checked up front."""
+    pg.execute("CREATE TABLE IF NOT EXISTS homeless (id int PRIMARY KEY)")
+    code, err = _sync(pg.dsn, f"{tmp_path}/no/such/dir/copy.duckdb", "homeless")
+    assert code == 3, err  # a target error
+    said = " ".join(err.split())  # the console wraps long lines
+    assert "no/such/dir is not a writable directory" in said and "hint:" in said, err
+    _nothing_left(pg)
+
+
 def test_values_beyond_duckdb_range_stop_with_a_clear_error(pg: helpers.Source, duck_path: str) -> None:
     """PostgreSQL timestamps reach 294276 AD, DuckDB's 294247 AD: never wrap silently, say so."""
     import duckdb

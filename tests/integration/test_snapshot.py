@@ -84,9 +84,9 @@ def test_all_types_round_trip(pg: helpers.Source, duck_path: str) -> None:
 
 
 def test_parallel_chunks_partitions_and_quoting(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
-    from datasync.engine import snapshotting
+    from datasync.engine import reading
 
-    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 16)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 16)  # type: ignore[attr-defined]
     pg.execute(
         """
         CREATE SCHEMA "Sales Dept";
@@ -199,9 +199,9 @@ def test_values_past_duckdb_fall_back_to_text(pg: helpers.Source, duck_path: str
 
 def test_snapshot_writes_whole_row_groups(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
     """DuckDB's threads write whole row groups; the partial ones are gathered at the end (one is left)."""
-    from datasync.engine import snapshotting
+    from datasync.engine import reading
 
-    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 64)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 64)  # type: ignore[attr-defined]
     pg.execute("CREATE TABLE wide (id bigint PRIMARY KEY, v text, j jsonb);"
                "INSERT INTO wide SELECT g, md5(g::text), jsonb_build_object('g', g) FROM generate_series(1, 400000) g")
     helpers.sync_once(pg, duck_path, "wide")
@@ -241,12 +241,12 @@ def test_a_reader_failing_mid_copy_stops_it_with_its_error(pg: helpers.Source, d
     import pytest
 
     from datasync import errors
-    from datasync.engine import snapshotting
+    from datasync.engine import reading
 
-    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 16)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 16)  # type: ignore[attr-defined]
     pg.execute("CREATE TABLE half (id bigint PRIMARY KEY, v text);"
                "INSERT INTO half SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
-    real, calls = snapshotting.read_binary, []
+    real, calls = reading.read_binary, []
 
     def failing(*args: object) -> object:
         calls.append(1)
@@ -254,7 +254,7 @@ def test_a_reader_failing_mid_copy_stops_it_with_its_error(pg: helpers.Source, d
             raise errors.SourceError("reading the snapshot failed: the network went away")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(snapshotting, "read_binary", failing)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "read_binary", failing)  # type: ignore[attr-defined]
     with pytest.raises(errors.SourceError, match="the network went away"):
         helpers.sync_once(pg, duck_path, "half")
     con = duckdb.connect(duck_path, read_only=True)
@@ -263,7 +263,7 @@ def test_a_reader_failing_mid_copy_stops_it_with_its_error(pg: helpers.Source, d
     finally:
         con.close()
     assert "half" not in tables, tables
-    monkeypatch.setattr(snapshotting, "read_binary", real)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "read_binary", real)  # type: ignore[attr-defined]
     helpers.sync_once(pg, duck_path, "half")  # a later run starts over and completes
     assert helpers.assert_same(pg, duck_path, "public.half") == 50_000
 
@@ -271,7 +271,7 @@ def test_a_reader_failing_mid_copy_stops_it_with_its_error(pg: helpers.Source, d
 def test_decoder_reuses_released_column_buffers(pg: helpers.Source) -> None:
     """Chunk buffers go back to a pool when Arrow lets go; the next chunk of that size takes them."""
     from datasync import identifiers
-    from datasync.engine import _speedups, snapshotting  # type: ignore[attr-defined]
+    from datasync.engine import _speedups, reading, snapshotting  # type: ignore[attr-defined]
     from datasync.sources import catalog, connecting
 
     pg.execute("CREATE TABLE pooled (id bigint PRIMARY KEY, v text);"
@@ -282,8 +282,8 @@ def test_decoder_reuses_released_column_buffers(pg: helpers.Source) -> None:
     assert plan is not None
     conn = connecting.connect_libpq2(pg.dsn)
     try:
-        sql = snapshotting._binary_sql(plan, snapshotting.Chunk(table.leaves[0], 0, None))
-        sizes = snapshotting.new_sizes(plan)
+        sql = reading.binary_sql(plan, reading.Chunk(table.leaves[0], 0, None))
+        sizes = reading.new_sizes(plan)
         first = snapshotting.read_binary(conn, sql, plan, sizes)
         assert sizes[3 * 1 + 1] == sum(len(v) for v in first.column(1).to_pylist())  # v's bytes, as decoded
         del first
@@ -302,9 +302,9 @@ def test_stream_waits_for_room_and_lets_every_buffer_go(pg: helpers.Source, duck
                                                         monkeypatch: object) -> None:
     """Over its in-flight budget the stream holds batches back (bounded waits, no deadlock);
     after the copy no decoded buffer is left alive."""
-    from datasync.engine import _speedups, snapshotting  # type: ignore[attr-defined]
+    from datasync.engine import _speedups, reading, snapshotting  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 32)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 32)  # type: ignore[attr-defined]
     monkeypatch.setattr(snapshotting, "IN_FLIGHT_BYTES", 0)  # type: ignore[attr-defined]
     monkeypatch.setattr(snapshotting, "ROW_GROUP_ROWS", 0)  # type: ignore[attr-defined]  # always over budget
     monkeypatch.setattr(snapshotting, "ROOM_WAIT", 0.01)  # type: ignore[attr-defined]
@@ -332,9 +332,9 @@ def test_room_never_starves_duckdb_of_a_row_group_per_thread() -> None:
 
 def test_text_chunks_load_beside_the_binary_stream(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
     """A chunk that needs the text path among binary ones goes through its own connection; the copy is still whole."""
-    from datasync.engine import snapshotting
+    from datasync.engine import reading, snapshotting
 
-    monkeypatch.setattr(snapshotting, "PAGES_PER_CHUNK", 8)  # type: ignore[attr-defined]
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 8)  # type: ignore[attr-defined]
     pg.execute("CREATE TABLE mixedinf (id bigint PRIMARY KEY, ts timestamptz, iv interval, v text);"
                "INSERT INTO mixedinf SELECT g, timestamptz '2024-01-01' + g * interval '1 min', g * interval '1 s', "
                "md5(g::text) FROM generate_series(1, 20000) g;"
@@ -371,3 +371,32 @@ def test_sync_never_imports_pyarrow_dataset(pg: helpers.Source, tmp_path: object
     assert run.stdout.strip() == "False"
     assert helpers.assert_same(pg, target, "public.lean") == 5000 - 714
     assert helpers.assert_same(pg, target, "public.lean_new") == 5000
+
+
+def test_a_new_targets_readers_start_before_duckdb_is_imported(pg: helpers.Source, tmp_path: object) -> None:
+    """On a new target the first snapshot's COPY runs while DuckDB and pyarrow are imported
+    (~0.2 s of start-up), not after: the CLI itself imports neither."""
+    import subprocess
+    import sys
+
+    pg.execute("CREATE TABLE early (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO early SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    target = f"{tmp_path}/early.duckdb"
+    script = (
+        "import sys\n"
+        "import datasync.cli\n"
+        "print('cli imports:', sorted(m for m in ('duckdb', 'pyarrow') if m in sys.modules))\n"
+        "from datasync.engine import reading\n"
+        "start = reading.Readers.start\n"
+        "def starting(self):\n"
+        "    print('readers start:', sorted(m for m in ('duckdb', 'pyarrow') if m in sys.modules), flush=True)\n"
+        "    return start(self)\n"
+        "reading.Readers.start = starting\n"
+        f"sys.argv = ['datasync', 'sync', '--source', {pg.dsn!r}, '--target', {target!r}, '--table', 'early', "
+        "'--once', '--quiet']\n"
+        "datasync.cli.main()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[:2] == ["cli imports: []", "readers start: []"], run.stdout
+    assert helpers.assert_same(pg, target, "public.early") == 20_000
