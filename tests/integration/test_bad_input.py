@@ -121,6 +121,16 @@ def test_a_new_target_in_a_missing_directory_fails_before_any_slot(pg: helpers.S
     _nothing_left(pg)
 
 
+def test_a_new_target_duckdb_cannot_create_leaves_nothing(pg: helpers.Source, tmp_path: object) -> None:
+    """A new target DuckDB fails to create (here: a file name too long) is found out after the slot
+    is made (the snapshot's readers run first): the slot and publication made by this run are dropped."""
+    pg.execute("CREATE TABLE IF NOT EXISTS homeless (id int PRIMARY KEY)")
+    code, err = _sync(pg.dsn, f"{tmp_path}/{'x' * 300}.duckdb", "homeless")
+    assert code == 3, err
+    assert "cannot open DuckDB target" in " ".join(err.split()), err
+    _nothing_left(pg)
+
+
 def test_values_beyond_duckdb_range_stop_with_a_clear_error(pg: helpers.Source, duck_path: str) -> None:
     """PostgreSQL timestamps reach 294276 AD, DuckDB's 294247 AD: never wrap silently, say so."""
     import duckdb

@@ -88,28 +88,43 @@ def _target_columns(table: catalog.Table) -> list[duckfile.TargetColumn]:
     ]
 
 
+@dataclasses.dataclass
+class Created:
+    """What :func:`ensure_replication` created, to be undone if the run cannot start."""
+
+    publication: bool = False
+    tables: list[identifiers.TableName] = dataclasses.field(default_factory=list)  # added to an existing one
+    slot: bool = False
+
+    def undo(self, conn: connecting.Connection, publication: str, slot: str) -> None:
+        if self.slot:
+            replication.drop_slot(conn, slot)
+        if self.publication:
+            replication.drop_publication(conn, publication)
+        elif self.tables:
+            replication.drop_tables(conn, publication, self.tables)
+
+
 def ensure_replication(
     conn: connecting.Connection, publication: str, slot: str, tables: list[catalog.Table]
-) -> None:
+) -> Created:
     """Create/extend the publication and create the slot; undo on failure."""
-    created_pub = False
-    added: list[identifiers.TableName] = []
+    created = Created()
     try:
         existing = replication.publication_tables(conn, publication)
         if existing is None:
             replication.create_publication(conn, publication, [t.name for t in tables])
-            created_pub = True
+            created.publication = True
         else:
-            added = [t.name for t in tables if t.name not in existing]
-            replication.add_tables(conn, publication, added)
+            created.tables = [t.name for t in tables if t.name not in existing]
+            replication.add_tables(conn, publication, created.tables)
         if replication.slot_info(conn, slot) is None:
             replication.create_slot(conn, slot)
+            created.slot = True
     except psycopg2.Error as exc:
-        if created_pub:
-            replication.drop_publication(conn, publication)
-        elif added:
-            replication.drop_tables(conn, publication, added)
+        created.undo(conn, publication, slot)
         raise errors.SourceError(f"could not set up logical replication: {exc}".strip()) from None
+    return created
 
 
 class _Target:
@@ -226,9 +241,14 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             todo = [t for t in tables if t.name not in states or states[t.name].state != "streaming"]
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
-            ensure_replication(control, publication, slot, tables)
+            created = ensure_replication(control, publication, slot, tables)
             until = replication.wait_flushed(control)
-            snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
+            try:
+                snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
+            except errors.TargetError:
+                if target.opened is None:  # a new target could not be created: leave the source as it was
+                    created.undo(control, publication, slot)
+                raise
             from datasync.engine import streaming
 
             duck = target.get()

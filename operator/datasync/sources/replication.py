@@ -95,6 +95,10 @@ def drop_publication(conn: connecting.Connection, publication: str) -> None:
     conn.execute(f"DROP PUBLICATION IF EXISTS {identifiers.quote(publication)}")
 
 
+def drop_slot(conn: connecting.Connection, slot: str) -> None:
+    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+
+
 def create_slot(conn: connecting.Connection, slot: str) -> int:
     row = conn.execute(
         "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
