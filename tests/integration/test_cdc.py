@@ -178,3 +178,39 @@ def test_cli_summary_and_quiet(pg: helpers.Source, duck_path: str) -> None:
     quiet = helpers.cli(*args, "--quiet")
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
     assert helpers.assert_same(pg, duck_path, "public.said") == 50
+
+
+def test_a_following_stream_checkpoints_in_its_pauses(pg: helpers.Source, duck_path: str, monkeypatch: object) -> None:
+    """DuckDB's checkpoint inside a commit is pushed far out (it stalled the stream for ~1 s):
+    the stream checkpoints when idle instead, so the target's WAL still gets written back."""
+    import threading
+    import time
+
+    from datasync.engine import streaming, syncing
+    from datasync.targets import duckfile
+
+    monkeypatch.setattr(streaming, "IDLE_CHECKPOINT_BYTES", 1)  # type: ignore[attr-defined]
+    pg.execute("CREATE TABLE pauses (id int PRIMARY KEY, v text);"
+               "INSERT INTO pauses SELECT g, 'x' FROM generate_series(1, 1000) g")
+    helpers.sync_once(pg, duck_path, "pauses")
+    pg.execute("UPDATE pauses SET v = 'y' WHERE id % 2 = 0")
+    seen: list[int] = []
+    real = duckfile.DuckTarget.flush_wal
+    monkeypatch.setattr(duckfile.DuckTarget, "flush_wal",  # type: ignore[attr-defined]
+                        lambda self: (seen.append(self.wal_bytes()), real(self))[1])
+    stop = threading.Event()
+    opts = syncing.Options(source=pg.dsn, target=duck_path, tables=["pauses"], follow=True, poll_seconds=0.05)
+    syncer = threading.Thread(target=syncing.run, args=(opts, None, stop))
+    syncer.start()
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    syncer.join()
+    assert seen and seen[0] > 0, seen  # checkpointed while idle, with WAL to write back
+    assert helpers.assert_same(pg, duck_path, "public.pauses") == 1000
+    con = duckdb.connect(duck_path, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM public.pauses WHERE v = 'y'").fetchone() == (500,)
+    finally:
+        con.close()

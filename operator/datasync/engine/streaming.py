@@ -44,6 +44,9 @@ STOP_GRACE_SECONDS = 5.0  # on SIGTERM, how long to wait for a transaction still
 # most once a second (milliseconds), everything at most once a minute.
 GC_INTERVAL_SECONDS = 1.0
 GC_FULL_INTERVAL_SECONDS = 60.0
+# When the stream is idle with this much WAL in the target, it checkpoints: in a pause,
+# not inside the commit of a batch that is holding the stream up (duckfile.CHECKPOINT_THRESHOLD).
+IDLE_CHECKPOINT_BYTES = 16 << 20
 
 
 @dataclasses.dataclass
@@ -300,11 +303,13 @@ class ChangeStream:
 
     def _idle(self) -> None:
         self._collect()
-        # idle polls come every poll_seconds; lag needs two queries, once a second is plenty
+        # idle polls come every poll_seconds; lag needs two queries and the WAL a stat: once a second is plenty
         now = time.monotonic()
         if now - self._last_lag < 1.0:
             return
         self._last_lag = now
+        if self.target.wal_bytes() >= IDLE_CHECKPOINT_BYTES:
+            self.target.flush_wal()
         self._lag()
         if self.on_batch:
             self.on_batch(self.stats)

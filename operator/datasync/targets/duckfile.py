@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,12 @@ from datasync import errors, identifiers
 from datasync.identifiers import quote
 
 META = "_datasync"
+# The WAL size at which DuckDB checkpoints inside a commit.  At its default (16 MB) a
+# CDC commit every few hundred thousand changes stalled for the checkpoint (measured:
+# a commit of 2.7k changes took 1.06 s, the rest of the 270k-change stream 2.2 s).  The
+# stream checkpoints when it is idle instead (streaming.IDLE_CHECKPOINT_BYTES); a commit
+# does only when changes never pause for this long.
+CHECKPOINT_THRESHOLD = "256MB"
 
 
 @dataclasses.dataclass
@@ -68,10 +75,22 @@ class DuckTarget:
             self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute("SET preserve_insertion_order = false")
         self.con.execute("SET enable_progress_bar = false")  # stdout is not DuckDB's
+        self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
         self._ensure_meta()
 
     def close(self) -> None:
         self.con.close()
+
+    def wal_bytes(self) -> int:
+        """The size of the file's write-ahead log: what a checkpoint would write into the file."""
+        try:
+            return os.path.getsize(self.path + ".wal")
+        except OSError:
+            return 0
+
+    def flush_wal(self) -> None:
+        """Write the WAL back into the database file (DuckDB's CHECKPOINT)."""
+        self.con.execute("CHECKPOINT")
 
     # -- metadata --------------------------------------------------------------
     def _ensure_meta(self) -> None:
