@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 
-from datasync.engine import pgoutput, streaming
+from datasync.engine import applying, pgoutput, streaming
 from datasync.sources import receiving, replication
 from datasync.targets import duckfile
 from tests import helpers
@@ -144,3 +144,91 @@ def test_a_recorded_stream_replays_into_the_copy(pg: helpers.Source, tmp_path: P
     assert stats.first_read_at is not None and stats.last_applied_at is not None
     assert started < stats.first_read_at <= stats.last_applied_at
     assert helpers.assert_same(pg, replayed, "r") == 600
+
+
+class _Confirming(receiving.Recorded):
+    """A recorded stream that notes what is confirmed to it, and when."""
+
+    def __init__(self, reads: list[tuple[list[bytes], int]], end: int, log: list[tuple[str, int]]) -> None:
+        super().__init__(reads, end)
+        self.log = log
+
+    def confirm(self, lsn: int, *, force: bool = False) -> None:
+        self.log.append(("confirm", lsn))
+
+
+def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
+    pg: helpers.Source, tmp_path: Path, monkeypatch: object
+) -> None:
+    """A batch commits in a thread of its own while the loop reads on; its LSN reaches the slot
+    only after its commit (a crash in between resends it, never loses it)."""
+    pg.execute("CREATE TABLE piped (id int PRIMARY KEY, v text);"
+               "INSERT INTO piped SELECT g, 'v' FROM generate_series(1, 3000) g")
+    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
+    res = helpers.sync_once(pg, live, "piped")
+    shutil.copy(live, replayed)
+    pg.execute("SELECT pg_create_logical_replication_slot('s_piped', 'pgoutput')")
+    for k in range(30):  # 30 transactions of 100 changes
+        pg.execute(f"UPDATE piped SET v = 'u{k}' WHERE id BETWEEN {k * 100 + 1} AND {k * 100 + 100}")
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        upto = replication.wait_flushed(conn)
+    stream = receiving.Stream(pg.dsn, "s_piped", res.publication)
+    reads: list[tuple[list[bytes], int]] = []
+    try:
+        while not reads or reads[-1][0] or reads[-1][1] < upto:
+            reads.append((stream.read(50, 0.1), stream.wal_end))
+            stream.request_status()
+    finally:
+        stream.close()
+    while not reads[-1][0]:
+        reads.pop()
+    reads[-1] = (reads[-1][0], max(upto, reads[-1][1]))
+    log: list[tuple[str, int]] = []
+    target = duckfile.DuckTarget(replayed)
+    real_write, real_commit = target.write_checkpoint, target.commit
+    written: list[int] = []
+
+    def write_checkpoint(slot: str, lsn: int, *args: object) -> None:
+        log.append(("commit starts", 0))  # the batch is applied: its checkpoint, then its commit
+        time.sleep(0.05)  # a slow commit: the loop folds on meanwhile
+        written.append(lsn)
+        real_write(slot, lsn, *args)  # type: ignore[arg-type]
+
+    def commit() -> None:
+        real_commit()
+        log.append(("committed", written[-1] if written else 0))
+
+    real_fold = applying.fold_changes
+
+    def fold(*args: object) -> tuple[int, int]:
+        out = real_fold(*args)  # type: ignore[arg-type]
+        if out[1]:
+            log.append(("fold", out[1]))
+        return out
+
+    monkeypatch.setattr(applying, "fold_changes", fold)  # type: ignore[attr-defined]
+    target.write_checkpoint = write_checkpoint  # type: ignore[method-assign]
+    target.commit = commit  # type: ignore[method-assign]
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as control:
+            stats = streaming.ChangeStream(
+                dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
+                states=target.table_states(), open_stream=lambda: _Confirming(reads, upto, log), poll_seconds=0.05,
+                batch_changes=300, max_batch_seconds=5,
+            ).run(upto, threading.Event())
+    finally:
+        target.close()
+    assert stats.changes == 3000 and stats.batches > 3
+    durable = 0
+    for what, lsn in log:
+        if what == "committed":
+            durable = max(durable, lsn)
+        elif what == "confirm":
+            assert lsn <= durable, (lsn, durable)  # never confirmed before its commit
+    folded_while_committing = False
+    committing = False
+    for what, _ in log:
+        committing = (what == "commit starts") or (committing and what != "committed")
+        folded_while_committing |= committing and what == "fold"
+    assert folded_while_committing, log
+    assert helpers.assert_same(pg, replayed, "piped") == 3000

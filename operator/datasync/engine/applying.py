@@ -165,13 +165,27 @@ class TableApplier:
 
     # -- applying --------------------------------------------------------------
     def flush(self) -> int:
-        """Apply pending changes (inside the caller's transaction)."""
-        if not self.pending:
+        """Apply pending changes (inside the caller's transaction); the pending dict is emptied in place."""
+        n = self.apply(self.pending, self.has_unchanged)
+        self.pending.clear()
+        self.has_unchanged = False
+        return n
+
+    def detach(self) -> tuple[dict[Any, Entry], bool]:
+        """The pending changes, for :meth:`apply` elsewhere; folding goes on into a new dict
+        (whoever holds a :meth:`fold_spec` must ask again)."""
+        detached = self.pending, self.has_unchanged
+        self.pending, self.has_unchanged = {}, False
+        return detached
+
+    def apply(self, pending: dict[Any, Entry], has_unchanged: bool) -> int:
+        """Apply ``pending`` (inside the caller's transaction)."""
+        if not pending:
             return 0
         cols = self.state.columns
         ncols, nkey = len(cols), len(self.state.key)
-        keys = list(self.pending.keys())
-        entries = list(self.pending.values())
+        keys = list(pending.keys())
+        entries = list(pending.values())
 
         def split(ks: list[Any]) -> list[Any]:
             return [ks] if nkey == 1 else [list(c) for c in zip(*ks, strict=True)]
@@ -179,7 +193,7 @@ class TableApplier:
         deleted = [e[OP] == DELETE for e in entries]
         arrays: dict[str, pa.Array] = {"del": pa.array(deleted, pa.bool_())}
         unchanged_cols: list[int] = []
-        if pgoutput.SPEEDUPS and not self.has_unchanged:  # the usual case, in C
+        if pgoutput.SPEEDUPS and not has_unchanged:  # the usual case, in C
             for j, arr in enumerate(_text_arrays(keys, 0 if nkey == 1 else nkey)):
                 arrays[f"k{j}"] = arr
             for i, arr in enumerate(_staged_arrays(entries, ncols)):
@@ -193,7 +207,7 @@ class TableApplier:
             rows = [entry_values(e) or nulls for e in entries]
             val_cols: list[Any] = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(ncols)]
             arrays.update({f"k{j}": pa.array(key_cols[j], pa.string()) for j in range(nkey)})
-            if self.has_unchanged:
+            if has_unchanged:
                 for i in range(ncols):
                     flags = [v is pgoutput.UNCHANGED for v in val_cols[i]]
                     if any(flags):
@@ -264,8 +278,6 @@ class TableApplier:
             self.con.unregister("_ds_stage")
         n = len(entries)
         self.applied += n
-        self.pending.clear()
-        self.has_unchanged = False
         return n
 
     def _column(self, name: str) -> duckfile.TargetColumn:

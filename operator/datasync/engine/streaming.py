@@ -12,6 +12,12 @@ Runs of ordinary row changes are folded by one C call (``applying.fold_changes``
 instead of a Python call per change; everything else (transaction boundaries,
 Relation, Truncate, key changes, unchanged TOAST) goes through the loop below.
 
+A batch is applied and committed by a thread of its own while the loop folds
+the next one (the MERGE is most of the apply, and DuckDB runs it without the
+GIL): the walsender, the fold and DuckDB then work at once.  One batch is in
+flight at a time, committed in order, its LSN confirmed only after its commit.
+Anything else the loop does with the target first waits for that commit.
+
 Large transactions are applied in pieces inside the still-open DuckDB
 transaction, so memory stays bounded while the commit stays atomic.  A schema
 change mid-transaction commits a *partial* checkpoint (commit LSN + number of
@@ -21,12 +27,14 @@ the transaction's changes applied), which a restart honours exactly.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from datasync import identifiers
 from datasync.engine import applying, pgoutput, pinning
@@ -112,6 +120,9 @@ class ChangeStream:
         self._collected = self._collected_all = 0.0  # when the loop last ran the cyclic garbage collector
         # commit LSN of the latest transaction in the target (at least: everything before the checkpoint)
         self._last_begun = max(0, applied - 1)
+        self._txn_open = False  # a DuckDB transaction is open for the loop (begun when first needed)
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: concurrent.futures.Future[tuple[int, int, int | None, float]] | None = None
 
     # -- the loop --------------------------------------------------------------
     def run(self, until: int | None, stop: threading.Event) -> Stats:
@@ -121,7 +132,7 @@ class ChangeStream:
         skip_txn = False
         skip_upto = 0
         final_lsn = 0
-        open_batch = False  # DuckDB transaction open
+        open_batch = False  # a batch is open (its DuckDB transaction is begun when first needed)
         done_txns = 0  # complete transactions in the open DuckDB transaction
         batch_changes = 0
         counted = 0  # of batch_changes, already added to stats.changes
@@ -137,8 +148,11 @@ class ChangeStream:
         collecting = gc.isenabled()
         gc.disable()
         self._collected = self._collected_all = time.monotonic()
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="datasync-commit")
+        ended = False
         try:
             while True:
+                self._settle(wait=False)
                 msgs = stream.read(READ_MESSAGES, self.poll_seconds)
                 i, nmsgs = 0, len(msgs)
                 if nmsgs and self.stats.first_read_at is None:
@@ -183,6 +197,7 @@ class ChangeStream:
                             ap.delete(old)
                         batch_changes += 1
                         if len(ap.pending) >= self.batch_changes:
+                            self._duck()
                             ap.flush()
                         continue
                     msg = pgoutput.decode(data)
@@ -201,11 +216,11 @@ class ChangeStream:
                                 if open_batch:
                                     self._commit(last_end, last_ts)
                                     open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
+                                self._settle(wait=True)
                                 pins.serve(self.target, final_lsn, self._last_begun)
                         if not skip_txn:
                             self._last_begun = final_lsn
                         if not open_batch and not skip_txn:
-                            self.target.begin()
                             open_batch, batch_started = True, time.monotonic()
                     elif isinstance(msg, pgoutput.Commit):
                         in_txn = False
@@ -233,6 +248,7 @@ class ChangeStream:
                         for relid in msg.relids:
                             ap = self.by_relid.get(relid)
                             if ap is not None and final_lsn >= ap.state.snapshot_lsn:
+                                self._duck()
                                 ap.truncate()
                         batch_changes += 1
                 if stop.is_set() and stopping_since is None:
@@ -244,7 +260,10 @@ class ChangeStream:
                 # between transactions: commit the batch when due, check the exit conditions
                 due = time.monotonic() - batch_started >= self.max_batch_seconds
                 reached = until is not None and stream.wal_end >= until
-                if open_batch and done_txns and (not msgs or due or reached or stopping_since is not None):
+                # caught up: commit, unless the batch before is still committing (then this one
+                # grows until it is done: fewer, larger MERGEs while changes keep coming)
+                caught_up = not msgs and (self._in_flight is None or self._in_flight.done())
+                if open_batch and done_txns and (caught_up or due or reached or stopping_since is not None):
                     self._commit(last_end, last_ts)
                     open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
                 if stopping_since is not None or reached:
@@ -260,6 +279,7 @@ class ChangeStream:
                         if open_batch:
                             self._commit(last_end, last_ts)
                             open_batch, done_txns, batch_changes, counted = False, 0, 0, 0
+                        self._settle(wait=True)
                         pins.serve(self.target, stream.wal_end, self._last_begun)
                     else:
                         stream.request_status()
@@ -269,20 +289,32 @@ class ChangeStream:
                     if not open_batch:
                         self._confirm_idle(stream, None, force=False)  # WAL of other tables must not pile up
                     self._idle()
+            self._settle(wait=True)
             if not in_txn and not open_batch:
                 self._confirm_idle(stream, until)
+            ended = True
         finally:
-            if collecting:
-                gc.enable()
-            if pins is not None:
-                pins.close()
-            if open_batch:
-                self.target.rollback()  # only an unfinished transaction remains; it is resent
+            try:
+                self._settle(wait=True)  # the batch in flight commits (or fails) before anything else
+            except BaseException:
+                if ended:
+                    raise
+                log.debug("the batch in flight failed as the stream stopped", exc_info=True)
+            finally:
+                self._committer.shutdown()
+                self._committer = None
+                if collecting:
+                    gc.enable()
+                if pins is not None:
+                    pins.close()
+                if self._txn_open:
+                    self.target.rollback()  # only an unfinished transaction remains; it is resent
+                    self._txn_open = False
                 for ap in self.appliers.values():
                     ap.pending.clear()
                     ap.has_unchanged = False
-            stream.close()
-            self._stream = None
+                stream.close()
+                self._stream = None
         self._lag()
         return self.stats
 
@@ -299,6 +331,7 @@ class ChangeStream:
     def _flush_full(self) -> None:
         for ap in self.appliers.values():
             if len(ap.pending) >= self.batch_changes:
+                self._duck()
                 ap.flush()
 
     def _idle(self) -> None:
@@ -308,6 +341,7 @@ class ChangeStream:
         if now - self._last_lag < 1.0:
             return
         self._last_lag = now
+        self._settle(wait=True)
         if self.target.wal_bytes() >= IDLE_CHECKPOINT_BYTES:
             self.target.flush_wal()
         self._lag()
@@ -316,6 +350,7 @@ class ChangeStream:
 
     def _confirm_idle(self, stream: receiving.Prefetched, until: int | None, *, force: bool = True) -> None:
         """Everything sent was applied: let the slot move past WAL with no changes for us."""
+        self._settle(wait=True)  # not before the batch in flight is committed
         pos = max(self.stats.applied_lsn, min(stream.wal_end, until) if until is not None else stream.wal_end)
         stream.confirm(pos, force=force)
         self.stats.confirmed_lsn = pos
@@ -325,8 +360,16 @@ class ChangeStream:
         self._txn_index += 1
         return self._txn_index
 
+    def _duck(self) -> None:
+        """Before the loop itself uses the target: the batch in flight is committed, a transaction open."""
+        self._settle(wait=True)
+        if not self._txn_open:
+            self.target.begin()
+            self._txn_open = True
+
     def _commit_partial(self) -> None:
         """Commit mid-transaction: everything before the current change is durable."""
+        self._duck()
         for ap in self.appliers.values():
             self.stats.applied_rows += ap.flush()
         done = self._txn_index - 1
@@ -336,17 +379,46 @@ class ChangeStream:
         self.target.begin()
 
     def _commit(self, end_lsn: int, commit_ts: int | None) -> None:
-        for ap in self.appliers.values():
-            self.stats.applied_rows += ap.flush()
+        """Hand the batch to the committing thread (after the one in flight) and go on folding."""
+        detached = [(ap, ap.detach()) for ap in self.appliers.values() if ap.pending]
         lsn = max(end_lsn, self.stats.applied_lsn)
-        self.target.write_checkpoint(self.slot, lsn, commit_ts)
-        self.target.commit()
+        begun, self._txn_open = self._txn_open, False  # the open transaction, if any, goes with the batch
         self._partial_final = self._partial_changes = 0
-        self.stats.applied_lsn = self.stats.confirmed_lsn = lsn
-        self.stats.batches += 1
+        self._settle(wait=True)
+        assert self._committer is not None
+        self._in_flight = self._committer.submit(self._committing, detached, begun, lsn, commit_ts)
+
+    def _committing(
+        self, detached: list[tuple[applying.TableApplier, Any]], begun: bool, lsn: int, commit_ts: int | None
+    ) -> tuple[int, int, int | None, float]:
+        """In the committing thread: apply a batch, store its LSN, commit, confirm."""
+        try:
+            if not begun:
+                self.target.begin()
+            rows = sum(ap.apply(*pending) for ap, pending in detached)
+            self.target.write_checkpoint(self.slot, lsn, commit_ts)
+            self.target.commit()
+        except BaseException:
+            try:
+                self.target.rollback()
+            except Exception:  # the first error is the one to report
+                log.debug("rollback after a failed batch failed", exc_info=True)
+            raise
         if self._stream is not None:
             self._stream.confirm(lsn)
-        self.stats.last_applied_at = time.monotonic()
+        return rows, lsn, commit_ts, time.monotonic()
+
+    def _settle(self, *, wait: bool) -> None:
+        """Account for the batch in flight once committed (``wait``: wait for it); raises its error."""
+        future = self._in_flight
+        if future is None or not (wait or future.done()):
+            return
+        self._in_flight = None
+        rows, lsn, commit_ts, committed_at = future.result()
+        self.stats.applied_rows += rows
+        self.stats.applied_lsn = self.stats.confirmed_lsn = max(lsn, self.stats.applied_lsn)
+        self.stats.batches += 1
+        self.stats.last_applied_at = committed_at
         if commit_ts is not None:
             self.stats.last_commit_ts_us = commit_ts
             lag = time.time() - (commit_ts + pgoutput.PG_EPOCH_US) / 1e6
