@@ -122,7 +122,7 @@ class ChangeStream:
         self._last_begun = max(0, applied - 1)
         self._txn_open = False  # a DuckDB transaction is open for the loop (begun when first needed)
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._in_flight: concurrent.futures.Future[tuple[int, int, int | None, float]] | None = None
+        self._in_flight: concurrent.futures.Future[tuple[int, int, int | None, float, float]] | None = None
 
     # -- the loop --------------------------------------------------------------
     def run(self, until: int | None, stop: threading.Event) -> Stats:
@@ -390,8 +390,10 @@ class ChangeStream:
 
     def _committing(
         self, detached: list[tuple[applying.TableApplier, Any]], begun: bool, lsn: int, commit_ts: int | None
-    ) -> tuple[int, int, int | None, float]:
-        """In the committing thread: apply a batch, store its LSN, commit, confirm."""
+    ) -> tuple[int, int, int | None, float, float]:
+        """In the committing thread: apply a batch, store its LSN, commit, confirm.
+
+        Returns (rows applied, LSN, commit timestamp, monotonic and wall time of the commit)."""
         try:
             if not begun:
                 self.target.begin()
@@ -406,7 +408,7 @@ class ChangeStream:
             raise
         if self._stream is not None:
             self._stream.confirm(lsn)
-        return rows, lsn, commit_ts, time.monotonic()
+        return rows, lsn, commit_ts, time.monotonic(), time.time()
 
     def _settle(self, *, wait: bool) -> None:
         """Account for the batch in flight once committed (``wait``: wait for it); raises its error."""
@@ -414,14 +416,14 @@ class ChangeStream:
         if future is None or not (wait or future.done()):
             return
         self._in_flight = None
-        rows, lsn, commit_ts, committed_at = future.result()
+        rows, lsn, commit_ts, committed_at, committed_wall = future.result()
         self.stats.applied_rows += rows
         self.stats.applied_lsn = self.stats.confirmed_lsn = max(lsn, self.stats.applied_lsn)
         self.stats.batches += 1
         self.stats.last_applied_at = committed_at
         if commit_ts is not None:
             self.stats.last_commit_ts_us = commit_ts
-            lag = time.time() - (commit_ts + pgoutput.PG_EPOCH_US) / 1e6
+            lag = committed_wall - (commit_ts + pgoutput.PG_EPOCH_US) / 1e6
             self.stats.lag_seconds = max(0.0, lag)
             self.stats.lag_samples.append(self.stats.lag_seconds)
         if self.on_batch:
