@@ -235,6 +235,28 @@ def test_a_failing_copy_names_the_error_and_keeps_the_connection(pg: helpers.Sou
         conn.close()
 
 
+def test_a_value_of_the_wrong_size_is_refused_not_misread(pg: helpers.Source) -> None:
+    """A plan that disagrees with what PostgreSQL sends (int4 read as int8) fails loudly: the decoder
+    checks each fixed-size value's length instead of reading past it."""
+    import pytest
+
+    from datasync.engine import pgoutput, snapshotting
+    from datasync.sources import connecting
+
+    conn = connecting.connect_libpq2(pg.dsn)
+    try:
+        plan = snapshotting.BinaryPlan(b"l", (0,), (snapshotting.pa.int64(),), ("x",), ("c0",))
+        with pytest.raises(pgoutput.DecodeError, match="size"):
+            snapshotting.read_binary(conn, "COPY (SELECT g FROM generate_series(1, 5) g) TO STDOUT (FORMAT binary)",
+                                     plan)
+        conn.rollback()
+        rows = snapshotting.read_binary(
+            conn, "COPY (SELECT g::bigint FROM generate_series(1, 5) g) TO STDOUT (FORMAT binary)", plan)
+        assert rows.column(0).to_pylist() == [1, 2, 3, 4, 5]
+    finally:
+        conn.close()
+
+
 def test_a_reader_failing_mid_copy_stops_it_with_its_error(pg: helpers.Source, duck_path: str,
                                                            monkeypatch: object) -> None:
     """A reader's error ends the streaming INSERT (no hang) and nothing half-copied is swapped in."""

@@ -569,6 +569,17 @@ static int decoder_init(Decoder *d, const char *kinds, int ncols, PyObject *scal
     return 0;
 }
 
+/* the binary size of a fixed-size kind's values (0: variable, or checked where decoded) */
+static inline int fixed_width(char k) {
+    switch (k) {
+    case 'b': return 1;
+    case 'h': return 2;
+    case 'i': case 'f': case 'D': return 4;
+    case 'l': case 'd': case 'm': case 't': case 'T': return 8;
+    default: return 0;
+    }
+}
+
 #define DFAIL(code, text) do { d->err = (code); d->msg = (text); return -1; } while (0)
 #define DPUT(call) do { if ((call) < 0) DFAIL(D_NOMEM, "out of memory"); } while (0)
 
@@ -580,6 +591,8 @@ static int decode_row(Decoder *d, const unsigned char *buf, Py_ssize_t pos) {
         const unsigned char *p = buf + pos;
         Col *c = &d->cols[i];
         int valid = n >= 0;
+        int width = fixed_width(d->kinds[i]);
+        if (valid && width && n != width) DFAIL(D_FAIL, "a COPY value does not have its column type's size");
         DPUT(set_valid(c, rows, valid));
         switch (d->kinds[i]) {
         case 'h': { int16_t v = valid ? (int16_t)rd16(p) : 0; DPUT(buf_put(&c->data, &v, 2)); break; }
