@@ -214,3 +214,34 @@ def test_a_following_stream_checkpoints_in_its_pauses(pg: helpers.Source, duck_p
         assert con.execute("SELECT count(*) FROM public.pauses WHERE v = 'y'").fetchone() == (500,)
     finally:
         con.close()
+
+
+def test_the_checkpoint_threshold_keeps_updates_within_the_memory_limit(tmp_path: object) -> None:
+    """DuckDB holds updated values in memory until it checkpoints: the WAL threshold follows the
+    memory limit, so a long run of updates checkpoints instead of running out of memory."""
+    import time
+
+    from datasync.targets import duckfile
+
+    def threshold(limit: str | None) -> str:
+        target = duckfile.DuckTarget(f"{tmp_path}/t{time.monotonic_ns()}.duckdb", memory_limit=limit)
+        try:
+            return str(target.con.execute("SELECT current_setting('checkpoint_threshold')").fetchone()[0])  # type: ignore[index]
+        finally:
+            target.close()
+
+    assert threshold("256MB") == "61.0 MiB"  # a quarter of 244.1 MiB
+    assert threshold("32MB") == "16.0 MiB"  # never below DuckDB's default
+    assert threshold(None) == "256.0 MiB"  # DuckDB's default limit is most of the RAM: capped
+    target = duckfile.DuckTarget(f"{tmp_path}/updates.duckdb", memory_limit="128MB")
+    try:
+        con = target.con
+        con.execute("CREATE TABLE t AS SELECT g AS id, repeat('x', 200) AS j, md5(g::varchar) AS m "
+                    "FROM range(300000) r(g)")
+        con.execute("CHECKPOINT")
+        for k in range(12):  # ~18 MB of WAL each: past the memory limit without checkpoints
+            con.execute(f"UPDATE t SET j = repeat('{'yz'[k % 2]}', 200), m = md5((id + {k})::varchar) "
+                        f"WHERE hash(id + {k}) % 4 = 0")
+        assert con.execute("SELECT count(*) FROM t WHERE m = md5((id + 11)::varchar)").fetchone()[0] > 50_000  # type: ignore[index]
+    finally:
+        target.close()

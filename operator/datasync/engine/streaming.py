@@ -53,7 +53,7 @@ STOP_GRACE_SECONDS = 5.0  # on SIGTERM, how long to wait for a transaction still
 GC_INTERVAL_SECONDS = 1.0
 GC_FULL_INTERVAL_SECONDS = 60.0
 # When the stream is idle with this much WAL in the target, it checkpoints: in a pause,
-# not inside the commit of a batch that is holding the stream up (duckfile.CHECKPOINT_THRESHOLD).
+# not inside the commit of a batch that is holding the stream up (see duckfile.CHECKPOINT_MIN).
 IDLE_CHECKPOINT_BYTES = 16 << 20
 
 

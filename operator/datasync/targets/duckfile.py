@@ -23,12 +23,21 @@ from datasync import errors, identifiers
 from datasync.identifiers import quote
 
 META = "_datasync"
-# The WAL size at which DuckDB checkpoints inside a commit.  At its default (16 MB) a
-# CDC commit every few hundred thousand changes stalled for the checkpoint (measured:
-# a commit of 2.7k changes took 1.06 s, the rest of the 270k-change stream 2.2 s).  The
-# stream checkpoints when it is idle instead (streaming.IDLE_CHECKPOINT_BYTES); a commit
-# does only when changes never pause for this long.
-CHECKPOINT_THRESHOLD = "256MB"
+# The WAL size at which DuckDB checkpoints inside a commit: a quarter of the memory limit,
+# from 16 MB (DuckDB's default) to 256 MB.  At 16 MB a CDC commit every few hundred
+# thousand changes stalled for the checkpoint (measured: a commit of 2.7k changes took
+# 1.06 s, the rest of the 270k-change stream 2.2 s); the stream writes the WAL back in its
+# pauses instead (streaming.IDLE_CHECKPOINT_BYTES).  Not more: until a checkpoint DuckDB
+# holds the updated values in memory (~2.3x the WAL; at 256 MB of WAL under a 256 MB memory
+# limit a stream of updates ran out of memory at 87 MB of WAL).
+CHECKPOINT_MIN, CHECKPOINT_MAX = 16 << 20, 256 << 20
+_UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def _setting_bytes(text: str) -> int:
+    """DuckDB's rendering of a size setting ('244.1 MiB') in bytes."""
+    number, _, unit = text.strip().partition(" ")
+    return int(float(number) * _UNITS.get(unit, 1))
 
 
 @dataclasses.dataclass
@@ -75,7 +84,10 @@ class DuckTarget:
             self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute("SET preserve_insertion_order = false")
         self.con.execute("SET enable_progress_bar = false")  # stdout is not DuckDB's
-        self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+        row = self.con.execute("SELECT current_setting('memory_limit')").fetchone()
+        limit = _setting_bytes(str(row[0])) if row else CHECKPOINT_MIN * 4
+        threshold = max(CHECKPOINT_MIN, min(CHECKPOINT_MAX, limit // 4))
+        self.con.execute(f"SET checkpoint_threshold = '{threshold}B'")
         self._ensure_meta()
 
     def close(self) -> None:
