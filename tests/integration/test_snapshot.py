@@ -422,3 +422,31 @@ def test_a_new_targets_readers_start_before_duckdb_is_imported(pg: helpers.Sourc
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[:2] == ["cli imports: []", "readers start: []"], run.stdout
     assert helpers.assert_same(pg, target, "public.early") == 20_000
+
+
+def test_a_load_failing_before_it_streams_stops_the_readers(pg: helpers.Source, duck_path: str,
+                                                            monkeypatch: object) -> None:
+    """The readers run ahead of the load: when the load fails before it takes a chunk, they are
+    stopped (no thread left holding a snapshot transaction, the collector back on)."""
+    import gc
+    import threading
+
+    import pytest
+
+    from datasync.engine import reading, snapshotting
+
+    pg.execute("CREATE TABLE ahead (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO ahead SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 8)  # type: ignore[attr-defined]  # more chunks than the queue holds
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("the load could not start")
+
+    before = set(threading.enumerate())
+    monkeypatch.setattr(snapshotting, "binary_plan", broken)  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="could not start"):
+        helpers.sync_once(pg, duck_path, "ahead")
+    assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
+    assert gc.isenabled()
+    assert pg.query("SELECT count(*) FROM pg_stat_activity WHERE backend_xmin IS NOT NULL "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()") == [(0,)]

@@ -270,26 +270,31 @@ def copy_table(
     are stopped and joined however this ends.
     """
     table = readers.table
-    plan = binary_plan(table, readers.plan)
-    inserts = _inserts(table, target_name, plan)
     row = target.con.execute("SELECT current_setting('threads')").fetchone()
     threads_before = int(row[0]) if row else 1
-    duck_threads = max(2, readers.workers)
-    target.con.execute(f"SET threads = {duck_threads}")
     collecting = gc.isenabled()
-    gc.disable()  # Arrow tables hold no cycles; the collector only rescans the heap (~0.25 s per 1M rows)
-    cons = [target.con.cursor(), target.con.cursor()]
-    threads = [threading.Thread(target=_loading_text, args=(cons[0], inserts["text"], table, readers), daemon=True)]
-    if plan is not None:
-        schema = pa.schema([pa.field(f"c{i}", typ) for i, typ in enumerate(plan.types)])
-        source = duckfile.arrow_stream(pa.RecordBatchReader.from_batches(schema, _batches(readers, plan, duck_threads)))
-        threads.append(threading.Thread(target=_inserting, args=(cons[1], inserts["binary"], source, table, readers),
-                                        daemon=True))
-    readers.start()  # if it was not started ahead
-    for t in threads:
-        t.start()
-    total, done, read, ending = 0, 0, 0, len(threads) + readers.workers
+    cons: list[Any] = []
+    threads: list[threading.Thread] = []
+    total, done, read = 0, 0, 0
     try:
+        plan = binary_plan(table, readers.plan)
+        inserts = _inserts(table, target_name, plan)
+        duck_threads = max(2, readers.workers)
+        target.con.execute(f"SET threads = {duck_threads}")
+        gc.disable()  # Arrow tables hold no cycles; the collector only rescans the heap (~0.25 s per 1M rows)
+        cons = [target.con.cursor(), target.con.cursor()]
+        threads.append(threading.Thread(target=_loading_text, args=(cons[0], inserts["text"], table, readers),
+                                        daemon=True))
+        if plan is not None:
+            schema = pa.schema([pa.field(f"c{i}", typ) for i, typ in enumerate(plan.types)])
+            batches = _batches(readers, plan, duck_threads)
+            source = duckfile.arrow_stream(pa.RecordBatchReader.from_batches(schema, batches))
+            threads.append(threading.Thread(target=_inserting, args=(cons[1], inserts["binary"], source, table, readers),
+                                            daemon=True))
+        readers.start()  # if it was not started ahead
+        for t in threads:
+            t.start()
+        ending = len(threads) + readers.workers
         while done < ending:
             item = readers.events.get()
             if item is reading.DONE:
@@ -316,7 +321,8 @@ def copy_table(
     finally:
         readers.join()
         for t in threads:
-            t.join()
+            if t.ident is not None:
+                t.join()
         for con in cons:
             con.close()
         target.con.execute(f"SET threads = {threads_before}")

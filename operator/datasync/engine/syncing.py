@@ -97,12 +97,16 @@ class Created:
     slot: bool = False
 
     def undo(self, conn: connecting.Connection, publication: str, slot: str) -> None:
-        if self.slot:
-            replication.drop_slot(conn, slot)
-        if self.publication:
-            replication.drop_publication(conn, publication)
-        elif self.tables:
-            replication.drop_tables(conn, publication, self.tables)
+        """Drop what was created; a failure here is logged, not raised (it must not hide why)."""
+        try:
+            if self.slot:
+                replication.drop_slot(conn, slot)
+            if self.publication:
+                replication.drop_publication(conn, publication)
+            elif self.tables:
+                replication.drop_tables(conn, publication, self.tables)
+        except psycopg2.Error:
+            log.warning("could not drop the replication slot/publication this run created", exc_info=True)
 
 
 def ensure_replication(
@@ -116,8 +120,9 @@ def ensure_replication(
             replication.create_publication(conn, publication, [t.name for t in tables])
             created.publication = True
         else:
-            created.tables = [t.name for t in tables if t.name not in existing]
-            replication.add_tables(conn, publication, created.tables)
+            added = [t.name for t in tables if t.name not in existing]
+            replication.add_tables(conn, publication, added)
+            created.tables = added
         if replication.slot_info(conn, slot) is None:
             replication.create_slot(conn, slot)
             created.slot = True
@@ -203,12 +208,12 @@ def snapshot(opts: Options, table: catalog.Table, target: _Target, slot: str, re
             duck.create_table(loading, state.columns)
             duck.save_table_state(state)
             duck.commit()
+            rows = snapshotting.copy_table(
+                readers, duck, loading, on_rows=lambda n: reporter.snapshot_rows(table.name, n),
+            )
         except BaseException:
-            readers.stop()
+            readers.stop()  # (copy_table stops them itself once it runs: stopping twice is harmless)
             raise
-        rows = snapshotting.copy_table(
-            readers, duck, loading, on_rows=lambda n: reporter.snapshot_rows(table.name, n),
-        )
         state.state = "streaming"
         state.rows_snapshotted = rows
         duck.begin()
@@ -245,8 +250,8 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             until = replication.wait_flushed(control)
             try:
                 snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
-            except errors.TargetError:
-                if target.opened is None:  # a new target could not be created: leave the source as it was
+            except BaseException:
+                if target.new and target.opened is None:  # a new target could not be created: leave the source as it was
                     created.undo(control, publication, slot)
                 raise
             from datasync.engine import streaming
