@@ -219,12 +219,15 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
     finally:
         target.close()
     assert stats.changes == 3000 and stats.batches > 3
+    last = max(lsn for what, lsn in log if what == "committed")
     durable = 0
     for what, lsn in log:
         if what == "committed":
             durable = max(durable, lsn)
         elif what == "confirm":
-            assert lsn <= durable, (lsn, durable)  # never confirmed before its commit
+            # never past a batch not yet committed (past the last change, once all is committed:
+            # WAL with nothing for us, which the slot may skip)
+            assert lsn <= durable or durable == last, (lsn, durable)
     folded_while_committing = False
     committing = False
     for what, _ in log:

@@ -64,3 +64,30 @@ def test_schema_change_while_other_changes_stream(pg: helpers.Source, duck_path:
     helpers.sync_once(pg, duck_path, "s")
     assert list(_cols(duck_path, "s")) == ["id", "v", "one", "c2", "c3", "c4"]
     assert helpers.assert_same(pg, duck_path, "s") == 50
+
+
+def test_a_crash_after_a_mid_transaction_commit_replays_nothing_twice(pg: helpers.Source, duck_path: str,
+                                                                      monkeypatch: object) -> None:
+    """A schema change mid-transaction commits the batch so far (the transactions before it, and the
+    changes of this one before the DDL). After a crash right then, the restart must skip the
+    transactions before it: replayed, they would overwrite what the partly applied one changed."""
+    import pytest
+
+    from datasync.engine import applying
+
+    pg.execute("CREATE TABLE evo (id int PRIMARY KEY, v text); INSERT INTO evo SELECT g, 'v' FROM generate_series(1, 3) g")
+    helpers.sync_once(pg, duck_path, "evo")
+    pg.execute("UPDATE evo SET v = 'a' WHERE id = 1")  # T1
+    pg.execute("BEGIN; UPDATE evo SET v = 'b' WHERE id = 1; ALTER TABLE evo ADD COLUMN w int; "
+               "UPDATE evo SET w = 5 WHERE id = 2; COMMIT")  # F: the DDL between its changes
+    real = applying.TableApplier._evolve
+
+    def crash(self: applying.TableApplier, rel: object) -> None:
+        raise RuntimeError("killed after the partial commit")
+
+    monkeypatch.setattr(applying.TableApplier, "_evolve", crash)  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="killed"):
+        helpers.sync_once(pg, duck_path, "evo")
+    monkeypatch.setattr(applying.TableApplier, "_evolve", real)  # type: ignore[attr-defined]
+    helpers.sync_once(pg, duck_path, "evo")
+    assert helpers.assert_same(pg, duck_path, "public.evo") == 3

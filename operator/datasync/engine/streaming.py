@@ -121,6 +121,7 @@ class ChangeStream:
         # commit LSN of the latest transaction in the target (at least: everything before the checkpoint)
         self._last_begun = max(0, applied - 1)
         self._txn_open = False  # a DuckDB transaction is open for the loop (begun when first needed)
+        self._last_end = applied  # end LSN of the latest whole transaction received
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: concurrent.futures.Future[tuple[int, int, int | None, float, float]] | None = None
 
@@ -225,6 +226,7 @@ class ChangeStream:
                     elif isinstance(msg, pgoutput.Commit):
                         in_txn = False
                         last_end, last_ts = msg.end_lsn, msg.commit_ts_us
+                        self._last_end = max(self._last_end, last_end)
                         if skip_txn:
                             if not open_batch:
                                 stream.confirm(max(applied, last_end))
@@ -299,22 +301,24 @@ class ChangeStream:
             except BaseException:
                 if ended:
                     raise
-                log.debug("the batch in flight failed as the stream stopped", exc_info=True)
+                log.warning("the batch in flight failed too as the stream stopped", exc_info=True)
             finally:
                 self._committer.shutdown()
                 self._committer = None
                 if collecting:
                     gc.enable()
-                if pins is not None:
-                    pins.close()
-                if self._txn_open:
-                    self.target.rollback()  # only an unfinished transaction remains; it is resent
-                    self._txn_open = False
                 for ap in self.appliers.values():
                     ap.pending.clear()
                     ap.has_unchanged = False
-                stream.close()
-                self._stream = None
+                try:
+                    if pins is not None:
+                        pins.close()
+                    if self._txn_open:
+                        self._txn_open = False
+                        self.target.rollback()  # only an unfinished transaction remains; it is resent
+                finally:
+                    stream.close()  # whatever failed: the slot must not stay held by this process
+                    self._stream = None
         self._lag()
         return self.stats
 
@@ -373,18 +377,21 @@ class ChangeStream:
         for ap in self.appliers.values():
             self.stats.applied_rows += ap.flush()
         done = self._txn_index - 1
-        self.target.write_checkpoint(self.slot, self.stats.applied_lsn, None, (self._final_lsn, done))
+        # the whole transactions of the open batch commit with it: a restart must skip them
+        lsn = max(self.stats.applied_lsn, self._last_end)
+        self.target.write_checkpoint(self.slot, lsn, None, (self._final_lsn, done))
         self.target.commit()
+        self.stats.applied_lsn = lsn
         self._partial_final, self._partial_changes = self._final_lsn, done
         self.target.begin()
 
     def _commit(self, end_lsn: int, commit_ts: int | None) -> None:
         """Hand the batch to the committing thread (after the one in flight) and go on folding."""
         detached = [(ap, ap.detach()) for ap in self.appliers.values() if ap.pending]
-        lsn = max(end_lsn, self.stats.applied_lsn)
         begun, self._txn_open = self._txn_open, False  # the open transaction, if any, goes with the batch
         self._partial_final = self._partial_changes = 0
         self._settle(wait=True)
+        lsn = max(end_lsn, self.stats.applied_lsn)
         assert self._committer is not None
         self._in_flight = self._committer.submit(self._committing, detached, begun, lsn, commit_ts)
 
