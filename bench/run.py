@@ -37,7 +37,7 @@ from datasync.targets import duckfile
 
 console = Console(width=150)
 
-ROUNDS = 3  # snapshot runs of each tool, alternating (this machine drifts: best of three)
+ROUNDS = 5  # snapshot runs of each tool, alternating (this machine drifts by ±15% between runs: best of five)
 
 SCANNER = """
 import sys, duckdb, duckdb_extension_postgres, os, glob
