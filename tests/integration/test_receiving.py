@@ -105,6 +105,26 @@ def test_a_confirmation_still_owed_is_sent_on_close(pg: helpers.Source) -> None:
     assert pgoutput.parse_lsn(flushed) == ends[-1]
 
 
+def _record(pg: helpers.Source, slot: str, publication: str, per_read: int) -> tuple[list[tuple[list[bytes], int]], int]:
+    """The slot's stream up to the flushed WAL, as (messages, wal_end) reads for ``receiving.Recorded``."""
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        upto = replication.wait_flushed(conn)
+    stream = receiving.Stream(pg.dsn, slot, publication)
+    reads: list[tuple[list[bytes], int]] = []
+    try:
+        while not reads or reads[-1][0] or reads[-1][1] < upto:
+            reads.append((stream.read(per_read, 0.1), stream.wal_end))
+            stream.request_status()
+    finally:
+        stream.close()
+    # the last read with changes already shows the end: a --once run must see it then, not
+    # after an empty poll
+    while not reads[-1][0]:
+        reads.pop()
+    reads[-1] = (reads[-1][0], max(upto, reads[-1][1]))
+    return reads, upto
+
+
 def test_a_recorded_stream_replays_into_the_copy(pg: helpers.Source, tmp_path: Path) -> None:
     """The apply takes its stream injected: changes recorded from a slot and played back land exactly."""
     pg.execute("CREATE TABLE r (id int PRIMARY KEY, v text); INSERT INTO r SELECT g, 'v' || g FROM generate_series(1, 500) g")
@@ -114,21 +134,7 @@ def test_a_recorded_stream_replays_into_the_copy(pg: helpers.Source, tmp_path: P
     pg.execute("SELECT pg_create_logical_replication_slot('s_rec', 'pgoutput')")
     pg.execute("UPDATE r SET v = v || '!' WHERE id % 2 = 0; DELETE FROM r WHERE id % 5 = 0; "
                "INSERT INTO r SELECT g, 'n' FROM generate_series(501, 700) g")
-    with psycopg.connect(pg.dsn, autocommit=True) as conn:
-        upto = replication.wait_flushed(conn)
-    stream = receiving.Stream(pg.dsn, "s_rec", res.publication)
-    reads: list[tuple[list[bytes], int]] = []
-    try:
-        while not reads or reads[-1][0] or reads[-1][1] < upto:
-            reads.append((stream.read(1000, 0.1), stream.wal_end))
-            stream.request_status()
-    finally:
-        stream.close()
-    # the last read with changes already shows the end: a --once run must see it then, not
-    # after an empty poll (here 30 s long)
-    while not reads[-1][0]:
-        reads.pop()
-    reads[-1] = (reads[-1][0], max(upto, reads[-1][1]))
+    reads, upto = _record(pg, "s_rec", res.publication, 1000)
     target = duckfile.DuckTarget(replayed)
     started = time.monotonic()
     try:
@@ -170,19 +176,7 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
     pg.execute("SELECT pg_create_logical_replication_slot('s_piped', 'pgoutput')")
     for k in range(30):  # 30 transactions of 100 changes
         pg.execute(f"UPDATE piped SET v = 'u{k}' WHERE id BETWEEN {k * 100 + 1} AND {k * 100 + 100}")
-    with psycopg.connect(pg.dsn, autocommit=True) as conn:
-        upto = replication.wait_flushed(conn)
-    stream = receiving.Stream(pg.dsn, "s_piped", res.publication)
-    reads: list[tuple[list[bytes], int]] = []
-    try:
-        while not reads or reads[-1][0] or reads[-1][1] < upto:
-            reads.append((stream.read(50, 0.1), stream.wal_end))
-            stream.request_status()
-    finally:
-        stream.close()
-    while not reads[-1][0]:
-        reads.pop()
-    reads[-1] = (reads[-1][0], max(upto, reads[-1][1]))
+    reads, upto = _record(pg, "s_piped", res.publication, 50)
     log: list[tuple[str, int]] = []
     target = duckfile.DuckTarget(replayed)
     real_write, real_commit = target.write_checkpoint, target.commit
