@@ -159,7 +159,8 @@ class DecodeError(ValueError):
 
 
 class NeedsText(ValueError):
-    """A binary COPY value Arrow cannot hold (an interval beyond its nanoseconds): read that chunk as text."""
+    """A binary COPY value Arrow or DuckDB cannot hold (an interval beyond Arrow's nanoseconds, a
+    timestamp past DuckDB's end): read that chunk as text."""
 
 
 _I16 = struct.Struct("!h")

@@ -26,7 +26,7 @@ import dataclasses
 import io
 import queue
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 from datasync import errors, identifiers
 from datasync.engine import pgoutput
@@ -106,10 +106,23 @@ def binary_plan(table: catalog.Table) -> Plan | None:
     return Plan(bytes("".join(kinds), "ascii"), tuple(scales), tuple(select))
 
 
+class Layout(Protocol):
+    """What decoding a binary COPY needs of a plan (:class:`Plan`, or the load's richer one)."""
+
+    @property
+    def kinds(self) -> bytes: ...
+
+    @property
+    def scales(self) -> tuple[int, ...]: ...
+
+    @property
+    def select(self) -> tuple[str, ...]: ...
+
+
 Decoded = tuple[int, list[tuple[Any, Any, Any]]]  # rows, and per column (validity, data, offsets | None)
 
 
-def read_binary(conn: Any, sql: str, plan: Plan, sizes: list[int] | None = None) -> Decoded:
+def read_binary(conn: Any, sql: str, plan: Layout, sizes: list[int] | None = None) -> Decoded:
     """Run binary ``COPY … TO STDOUT`` on psycopg2 connection ``conn``, decoded as it arrives.
 
     ``sizes``: kept by the caller between chunks (``new_sizes(plan)``): each
@@ -126,7 +139,7 @@ def read_binary(conn: Any, sql: str, plan: Plan, sizes: list[int] | None = None)
     return nrows, columns
 
 
-def new_sizes(plan: Plan) -> list[int]:
+def new_sizes(plan: Layout) -> list[int]:
     """A reader's buffer sizes for :func:`read_binary` (none known yet)."""
     return [0] * (3 * len(plan.kinds))
 
@@ -143,7 +156,7 @@ def text_sql(table: catalog.Table, chunk: Chunk) -> str:
     return f"COPY (SELECT {cols} FROM ONLY {chunk.leaf.sql} WHERE {_where(chunk)}) TO STDOUT (FORMAT csv)"
 
 
-def binary_sql(plan: Plan, chunk: Chunk) -> str:
+def binary_sql(plan: Layout, chunk: Chunk) -> str:
     return (
         f"COPY (SELECT {', '.join(plan.select)} FROM ONLY {chunk.leaf.sql} WHERE {_where(chunk)}) "
         "TO STDOUT (FORMAT binary)"

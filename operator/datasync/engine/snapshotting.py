@@ -111,7 +111,7 @@ def binary_plan(table: catalog.Table, plan: reading.Plan | None = None) -> Binar
 
 def read_binary(conn: Any, sql: str, plan: BinaryPlan, sizes: list[int] | None = None) -> pa.Table:
     """One binary COPY on ``conn``, as an Arrow table (see :func:`reading.read_binary`)."""
-    nrows, columns = reading.read_binary(conn, sql, reading.Plan(plan.kinds, plan.scales, plan.select), sizes)
+    nrows, columns = reading.read_binary(conn, sql, plan, sizes)
     return _arrow(nrows, columns, plan)
 
 

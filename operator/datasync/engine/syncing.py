@@ -155,7 +155,7 @@ class _Target:
         return self.opened
 
     def states(self) -> dict[identifiers.TableName, duckfile.TableState]:
-        return {} if self.new and self.opened is None else self.get().table_states()
+        return {} if self.new else self.get().table_states()
 
     def close(self) -> None:
         if self.opened is not None:
@@ -251,7 +251,7 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             try:
                 snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
             except BaseException:
-                if target.new and target.opened is None:  # a new target could not be created: leave the source as it was
+                if target.opened is None:  # a new target could not be created: leave the source as it was
                     created.undo(control, publication, slot)
                 raise
             from datasync.engine import streaming

@@ -100,14 +100,13 @@ class DuckTarget:
         except OSError:
             return 0
 
-    def flush_wal(self) -> bool:
-        """Write the WAL back into the database file (DuckDB's CHECKPOINT); False when DuckDB
-        cannot now (another transaction writes), to be tried again later."""
+    def flush_wal(self) -> None:
+        """Write the WAL back into the database file (DuckDB's CHECKPOINT).  When DuckDB cannot
+        now (another transaction writes) nothing happens: the caller tries again later."""
         try:
             self.con.execute("CHECKPOINT")
         except duckdb.TransactionException:
-            return False
-        return True
+            pass
 
     # -- metadata --------------------------------------------------------------
     def _ensure_meta(self) -> None:
