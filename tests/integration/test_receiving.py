@@ -183,7 +183,7 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
     written: list[int] = []
 
     def write_checkpoint(slot: str, lsn: int, *args: object) -> None:
-        log.append(("commit starts", 0))  # the batch is applied: its checkpoint, then its commit
+        log.append(("checkpoint", 0))  # the batch is applied: its checkpoint, then its commit
         time.sleep(0.05)  # a slow commit: the loop folds on meanwhile
         written.append(lsn)
         real_write(slot, lsn, *args)  # type: ignore[arg-type]
@@ -200,7 +200,14 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
             log.append(("fold", out[1]))
         return out
 
+    real_commit_batch = streaming.ChangeStream._commit
+
+    def commit_batch(self: streaming.ChangeStream, *args: object) -> None:
+        real_commit_batch(self, *args)  # type: ignore[arg-type]
+        log.append(("in flight", 0))  # handed to the committing thread (or done, if it were inline)
+
     monkeypatch.setattr(applying, "fold_changes", fold)  # type: ignore[attr-defined]
+    monkeypatch.setattr(streaming.ChangeStream, "_commit", commit_batch)  # type: ignore[attr-defined]
     target.write_checkpoint = write_checkpoint  # type: ignore[method-assign]
     target.commit = commit  # type: ignore[method-assign]
     try:
@@ -223,9 +230,52 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
             # WAL with nothing for us, which the slot may skip)
             assert lsn <= durable or durable == last, (lsn, durable)
     folded_while_committing = False
-    committing = False
+    handed = committed = 0
     for what, _ in log:
-        committing = (what == "commit starts") or (committing and what != "committed")
-        folded_while_committing |= committing and what == "fold"
+        handed += what == "in flight"
+        committed += what == "committed"
+        folded_while_committing |= what == "fold" and committed < handed
     assert folded_while_committing, log
     assert helpers.assert_same(pg, replayed, "piped") == 3000
+
+
+def test_small_transactions_are_applied_in_the_commit_thread_large_ones_in_pieces(
+    pg: helpers.Source, tmp_path: Path, monkeypatch: object
+) -> None:
+    """A batch of small transactions that reaches batch_changes is applied by the committing thread
+    (not in the loop just before its last Commit); a transaction of more than twice that is applied
+    in pieces inside its still-open DuckDB transaction, and commits whole."""
+    pg.execute("CREATE TABLE pieces (id int PRIMARY KEY, v text);"
+               "INSERT INTO pieces SELECT g, 'v' FROM generate_series(1, 3000) g")
+    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
+    res = helpers.sync_once(pg, live, "pieces")
+    shutil.copy(live, replayed)
+    pg.execute("SELECT pg_create_logical_replication_slot('s_pieces', 'pgoutput')")
+    for k in range(9):  # 9 transactions of 100 changes: three batches of 300
+        pg.execute(f"UPDATE pieces SET v = 'u{k}' WHERE id BETWEEN {k * 100 + 1} AND {k * 100 + 100}")
+    pg.execute("UPDATE pieces SET v = 'big' WHERE id > 1000")  # one transaction of 2000 changes
+    reads, upto = _record(pg, "s_pieces", res.publication, 50)
+    applied: list[tuple[str, int]] = []
+    real_apply = applying.TableApplier.apply
+
+    def apply(self: applying.TableApplier, pending: dict[object, object], has_unchanged: bool) -> int:
+        applied.append((threading.current_thread().name, len(pending)))
+        return real_apply(self, pending, has_unchanged)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(applying.TableApplier, "apply", apply)  # type: ignore[attr-defined]
+    target = duckfile.DuckTarget(replayed)
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as control:
+            stats = streaming.ChangeStream(
+                dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
+                states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto), poll_seconds=0.05,
+                batch_changes=300, max_batch_seconds=5,
+            ).run(upto, threading.Event())
+    finally:
+        target.close()
+    assert stats.changes == 2900
+    in_loop = [n for name, n in applied if not name.startswith("datasync-commit")]
+    assert in_loop and all(n == 600 for n in in_loop), applied  # only the large transaction, in pieces of 2 x 300
+    assert sum(in_loop) < 2000
+    assert sum(n for _, n in applied) == 2900
+    assert helpers.assert_same(pg, replayed, "pieces") == 3000

@@ -107,6 +107,12 @@ class ChangeStream:
         }
         self.by_relid: dict[int, applying.TableApplier | None] = {}
         self.batch_changes = batch_changes
+        # A batch commits at the first transaction end past batch_changes; only a transaction
+        # that itself brings a table's pending changes to twice that is applied in pieces (in
+        # the loop).  With the piece size at batch_changes, a batch of small transactions got
+        # there at its last change, just before its Commit, and was applied in the loop instead
+        # of the committing thread: no folding meanwhile.
+        self.piece_changes = 2 * batch_changes
         self.max_batch_seconds = max_batch_seconds
         self.poll_seconds = poll_seconds
         self.on_batch = on_batch
@@ -164,12 +170,12 @@ class ChangeStream:
                         if fast is None:
                             fast = self._fast_tables(final_lsn)
                         if fast:
-                            j, folded = fold(msgs, i, fast, self.batch_changes)
+                            j, folded = fold(msgs, i, fast, self.piece_changes)
                             if folded:
                                 self._txn_index += folded
                                 batch_changes += folded
                                 for pending, _ in fast.values():
-                                    if len(pending) >= self.batch_changes:
+                                    if len(pending) >= self.piece_changes:
                                         self._flush_full()
                                         break
                             if j > i:
@@ -197,7 +203,7 @@ class ChangeStream:
                         else:
                             ap.delete(old)
                         batch_changes += 1
-                        if len(ap.pending) >= self.batch_changes:
+                        if len(ap.pending) >= self.piece_changes:
                             self._duck()
                             ap.flush()
                         continue
@@ -334,7 +340,7 @@ class ChangeStream:
 
     def _flush_full(self) -> None:
         for ap in self.appliers.values():
-            if len(ap.pending) >= self.batch_changes:
+            if len(ap.pending) >= self.piece_changes:
                 self._duck()
                 ap.flush()
 
