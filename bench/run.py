@@ -5,8 +5,8 @@ own postgres_scanner (from its wheel) copying the same table, and the source
 limit (binary COPY read and discarded over 2 connections).  CDC (200k updates,
 50k inserts, 20k deletes in transactions of 1k row changes on a 1M-row table):
 our apply rate vs receiving the same changes from a slot and discarding them
-(our C reader, measured before and after our apply, the better one counts; and
-psycopg2's reader), vs one DuckDB statement per change, and our apply alone
+(our C reader; five alternating rounds of each, from copies of our slot, the
+best of each counts, the medians are printed too; and psycopg2's reader), vs one DuckDB statement per change, and our apply alone
 (the changes recorded, then replayed from memory: no walsender sharing the
 CPU); then end-to-end lag at 5k changes/s.  Rates are timed as the issue defines
 them, from the first change read to the target holding the last one (for the raw
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from datasync.targets import duckfile
 console = Console(width=150)
 
 ROUNDS = 5  # snapshot runs of each tool, alternating (this machine drifts by ±15% between runs: best of five)
+CDC_ROUNDS = 5  # CDC: raw receive and our apply, alternating, each from a slot of its own (best of five)
 
 SCANNER = """
 import sys, duckdb, duckdb_extension_postgres, os, glob
@@ -222,11 +224,15 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
     slot = "bench_cdc"
     syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot))
     before = os.path.join(work, "cdc_before.duckdb")
-    shutil.copy(path, before)  # the copy as snapshotted, for the apply-alone replay
+    shutil.copy(path, before)  # the copy as snapshotted: each round and the apply-alone replay start from it
+    # every round reads the same changes from a slot of its own, copied from ours at the snapshot
+    raw_slots = [f"bench_raw_{r}" for r in range(CDC_ROUNDS)]
+    our_slots = [slot] + [f"bench_ours_{r}" for r in range(1, CDC_ROUNDS)]
+    extra = raw_slots + our_slots[1:] + ["bench_raw_py", "bench_record"]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for raw_slot in ("bench_raw", "bench_raw_after", "bench_raw_py", "bench_record"):
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (raw_slot,))
-    console.print("[bold]CDC: writing 270k changes (slot holds them)…")
+        for copy in extra:
+            conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slot, copy))
+    console.print("[bold]CDC: writing 270k changes (the slots hold them)…")
     generate_changes(dsn, name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         upto = replication.wait_flushed(conn)
@@ -234,33 +240,50 @@ def cdc_bench(dsn: str, work: str, results: Table) -> None:
         # 270k dead rows and no checkpointer writing them while the receivers are timed
         conn.execute(f"VACUUM ANALYZE {name}")
         conn.execute("CHECKPOINT")
-    n_raw, raw_s = raw_receive(dsn, "bench_raw", slot, upto)
+    raw_rates: list[float] = []
+    ours_rates: list[float] = []
+    whole_rates: list[float] = []
+    changes = 0
+    # alternating rounds: this VM's speed drifts between runs (the same raw receive: 115k-225k/s,
+    # whichever vCPU the walsender gets); the best of each is compared, the medians shown
+    for r in range(CDC_ROUNDS):
+        n_raw, raw_s = raw_receive(dsn, raw_slots[r], slot, upto)
+        raw_rates.append(n_raw / raw_s)
+        target = path if r == 0 else os.path.join(work, f"cdc_round{r}.duckdb")
+        if r:
+            shutil.copy(before, target)
+        started = time.perf_counter()
+        res = syncing.run(syncing.Options(source=dsn, target=target, tables=[name], slot=our_slots[r],
+                                          publication=slot, batch_changes=100_000))
+        whole_s = time.perf_counter() - started
+        # as the issue defines it: from the first change read to the target holding the last one
+        assert res.stats.first_read_at is not None and res.stats.last_applied_at is not None
+        changes = res.stats.changes
+        ours_rates.append(changes / (res.stats.last_applied_at - res.stats.first_read_at))
+        whole_rates.append(changes / whole_s)
+        assert common.fingerprint_duck(target, f"public.{name}") == common.fingerprint_pg(dsn, name), "CDC copy differs"
+        if r:
+            os.remove(target)
+        console.print(f"CDC round {r + 1}: raw receive {raw_rates[-1]:,.0f}/s, ours {ours_rates[-1]:,.0f}/s")
     n_py, py_s = raw_receive(dsn, "bench_raw_py", slot, upto, native=False)
-    started = time.perf_counter()
-    res = syncing.run(syncing.Options(source=dsn, target=path, tables=[name], slot=slot, batch_changes=100_000))
-    whole_s = time.perf_counter() - started
-    # as the issue defines it: from the first change read to the target holding the last one
-    assert res.stats.first_read_at is not None and res.stats.last_applied_at is not None
-    ours_s = res.stats.last_applied_at - res.stats.first_read_at
-    # the source limit again, after us: the first reader of the WAL pays for a cold cache
-    n_after, after_s = raw_receive(dsn, "bench_raw_after", slot, upto)
-    console.print(f"raw receive: {n_raw / raw_s:,.0f}/s before ours, {n_after / after_s:,.0f}/s after (best used)")
-    if n_after / after_s > n_raw / raw_s:
-        n_raw, raw_s = n_after, after_s
     alone = apply_alone(dsn, before, name, slot, upto)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for raw_slot in ("bench_raw", "bench_raw_after", "bench_raw_py", "bench_record"):
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (raw_slot,))
-    assert common.fingerprint_duck(path, f"public.{name}") == common.fingerprint_pg(dsn, name), "CDC copy differs"
-    changes = res.stats.changes
+        for copy in extra:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (copy,))
     naive = naive_rate(path, name, dsn)
-    results.add_row("apply 270k changes", f"{changes / ours_s:,.0f}", f"{n_raw / raw_s:,.0f}",
-                    f"{(changes / ours_s) / (n_raw / raw_s):.2f}", f"{naive:,.0f}",
-                    f"{(changes / ours_s) / naive:,.0f}×", "✓")
-    results.add_row("  (whole run: start-up, stream, final checkpoint)", f"{changes / whole_s:,.0f}", f"{n_raw / raw_s:,.0f}",
-                    f"{(changes / whole_s) / (n_raw / raw_s):.2f}", "-", "-", "-")
+    ours, raw = max(ours_rates), max(raw_rates)
+    results.add_row(f"apply 270k changes (best of {CDC_ROUNDS})", f"{ours:,.0f}", f"{raw:,.0f}", f"{ours / raw:.2f}",
+                    f"{naive:,.0f}", f"{ours / naive:,.0f}×", "✓")
+    results.add_row(f"  (median of {CDC_ROUNDS})", f"{statistics.median(ours_rates):,.0f}",
+                    f"{statistics.median(raw_rates):,.0f}",
+                    f"{statistics.median(ours_rates) / statistics.median(raw_rates):.2f}", "-", "-", "✓")
+    results.add_row("  (each round: ours / raw)", " ".join(f"{x / 1000:.0f}k" for x in ours_rates),
+                    " ".join(f"{x / 1000:.0f}k" for x in raw_rates),
+                    " ".join(f"{o / w:.2f}" for o, w in zip(ours_rates, raw_rates, strict=True)), "-", "-", "✓")
+    results.add_row("  (whole run: start-up, stream, final checkpoint)", f"{max(whole_rates):,.0f}", f"{raw:,.0f}",
+                    f"{max(whole_rates) / raw:.2f}", "-", "-", "-")
     results.add_row("  (raw via psycopg2 read_message)", "-", f"{n_py / py_s:,.0f}",
-                    f"{(changes / ours_s) / (n_py / py_s):.2f}", "-", "-", "-")
+                    f"{ours / (n_py / py_s):.2f}", "-", "-", "-")
     results.add_row("  (apply alone: recorded stream)", f"{alone:,.0f}", "-", "-", "-", "-", "✓")
     # lag at 5k changes/s offered load
     stop, done = threading.Event(), threading.Event()
