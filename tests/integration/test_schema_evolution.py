@@ -91,3 +91,14 @@ def test_a_crash_after_a_mid_transaction_commit_replays_nothing_twice(pg: helper
     monkeypatch.setattr(applying.TableApplier, "_evolve", real)  # type: ignore[attr-defined]
     helpers.sync_once(pg, duck_path, "evo")
     assert helpers.assert_same(pg, duck_path, "public.evo") == 3
+
+
+def test_renamed_key_column(pg: helpers.Source, duck_path: str) -> None:
+    """A renamed primary key column keeps identifying rows (deletes and key changes after it)."""
+    pg.execute("CREATE TABLE rk (id int PRIMARY KEY, v text); INSERT INTO rk SELECT g, 'v' FROM generate_series(1, 50) g")
+    helpers.sync_once(pg, duck_path, "rk")
+    pg.execute("ALTER TABLE rk RENAME COLUMN id TO ident; DELETE FROM rk WHERE ident <= 5;"
+               "UPDATE rk SET ident = ident + 100 WHERE ident BETWEEN 6 AND 8; UPDATE rk SET v = 'u' WHERE ident = 9")
+    helpers.sync_once(pg, duck_path, "rk")
+    assert list(_cols(duck_path, "rk")) == ["ident", "v"]
+    assert helpers.assert_same(pg, duck_path, "rk") == 45

@@ -80,9 +80,9 @@ class TableApplier:
         self.layout: pgoutput.Relation | None = None
         self.layout_checked = False
         self.key_pos: list[int] = []
-        # the key is a primary key or replica identity index, NOT NULL: the MERGE matches it with
-        # plain equality (~8% less CPU than IS NOT DISTINCT FROM); REPLICA IDENTITY FULL may key
-        # a table on every column, NULLs included
+        # the key is the replica identity's primary key or index, NOT NULL: the MERGE matches it
+        # with plain equality (~8% less CPU than IS NOT DISTINCT FROM); REPLICA IDENTITY FULL may
+        # key a table on every column, NULLs included
         self.key_not_null = False
         self._key: Callable[[list[pgoutput.Value]], Any] = operator.itemgetter(0)
         self.applied = 0
@@ -109,13 +109,21 @@ class TableApplier:
         assert self.layout is not None
         cols = [(c.name, c.type_oid, c.typmod) for c in self.layout.columns]
         current = [(c.name, c.type_oid, c.typmod) for c in self.state.columns]
-        if cols != current:
-            self.commit_point()
-            self._evolve(self.layout)
+        identity = _identity_key(self.layout)
+        rekey = identity is not None and set(identity) != set(self.state.key)
+        if cols != current or rekey:
+            self.commit_point()  # the batch so far is applied under the old layout and key
+            if cols != current:
+                self._evolve(self.layout)  # (renames of key columns included)
+            if identity is not None and set(identity) != set(self.state.key):
+                log.info("replica identity of %s is now (%s): rows are keyed on it", self.state.source,
+                         ", ".join(identity))
+                self.state.key = list(identity)
+                duckfile.save_table_state(self.con, self.state)
             self.commit_point()
         names = [c.name for c in self.layout.columns]
         self.key_pos = [names.index(k) for k in self.state.key]
-        self.key_not_null = self.layout.replica_identity in ("d", "i")
+        self.key_not_null = identity is not None and set(identity) == set(self.state.key)
         # a single-column key is the value itself, a composite key a tuple
         self._key = operator.itemgetter(*self.key_pos)
         self.layout_checked = True
@@ -332,6 +340,10 @@ class TableApplier:
             result.append(col)
         self.state.columns = result
         self.state.max_attnum = next_attnum
+        # the key follows its columns' renames; a dropped column leaves it (FULL keys on all columns)
+        renamed = {prev.name: rc.name for prev, rc in pairs if prev is not None}
+        # (a table that lost its whole key is keyed on every column, as under FULL)
+        self.state.key = [renamed[k] for k in self.state.key if k in renamed] or [c.name for c in result]
         if backfill:
             self._backfill([c for c in result if c.name in backfill])
         duckfile.save_table_state(self.con, self.state)
@@ -376,6 +388,18 @@ class TableApplier:
 
 def _mapping(col: duckfile.TargetColumn) -> typemaps.Mapping:
     return typemaps.Mapping(col.duck_type, col.pg_base)
+
+
+def _identity_key(rel: pgoutput.Relation) -> list[str] | None:
+    """The columns a delete or key change identifies a row by under ``rel``'s replica identity.
+
+    None when the key need not follow the identity: FULL sends the whole old row (any
+    key the copy has works), and DEFAULT without a primary key or NOTHING sends no old
+    key at all (PostgreSQL refuses such updates and deletes at the source).
+    """
+    if rel.replica_identity not in ("d", "i"):
+        return None
+    return [c.name for c in rel.columns if c.is_key] or None
 
 
 def match_columns(

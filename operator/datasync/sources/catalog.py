@@ -106,10 +106,13 @@ def describe(conn: connecting.Connection, name: identifiers.TableName) -> Table:
     columns = tuple(Column(n, t, m, f, resolver.resolve(t, m), a) for n, t, m, f, a in cols)
     pk = _index_columns(conn, oid, "indisprimary")
     ri = _index_columns(conn, oid, "indisreplident")
-    if pk:
-        key = pk
-    elif replident == "i" and ri:
+    # the key is what PostgreSQL identifies a row by in deletes and key changes: the replica
+    # identity index when there is one (its old-key tuple holds only those columns, even
+    # beside a primary key), else the primary key, else (FULL) every column
+    if replident == "i" and ri:
         key = ri
+    elif pk:
+        key = pk
     elif replident == "f":
         key = tuple(c.name for c in columns)
     else:
