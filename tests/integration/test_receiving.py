@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
-from datasync.engine import applying, pgoutput, streaming
+from datasync.engine import applying, pgoutput, pinning, streaming
 from datasync.sources import receiving, replication
 from datasync.targets import duckfile
 from tests import helpers
@@ -277,5 +278,94 @@ def test_small_transactions_are_applied_in_the_commit_thread_large_ones_in_piece
     in_loop = [n for name, n in applied if not name.startswith("datasync-commit")]
     assert in_loop and all(n == 600 for n in in_loop), applied  # only the large transaction, in pieces of 2 x 300
     assert sum(in_loop) < 2000
-    assert sum(n for _, n in applied) == 2900
+    assert sum(n for _, n in applied) == 2900 == stats.applied_rows
     assert helpers.assert_same(pg, replayed, "pieces") == 3000
+
+
+def test_a_failed_partial_commit_reports_its_own_error(pg: helpers.Source, tmp_path: Path) -> None:
+    """A commit that fails mid-transaction (at a schema change) surfaces as itself, not as the
+    rollback of a transaction that DuckDB already rolled back; a rerun applies everything."""
+    pg.execute("CREATE TABLE pc (id int PRIMARY KEY, v text); INSERT INTO pc SELECT g, 'v' FROM generate_series(1, 100) g")
+    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
+    res = helpers.sync_once(pg, live, "pc")
+    shutil.copy(live, replayed)
+    pg.execute("SELECT pg_create_logical_replication_slot('s_pc', 'pgoutput')")
+    pg.execute("BEGIN; UPDATE pc SET v = 'a' WHERE id <= 10; ALTER TABLE pc ADD COLUMN w int;"
+               "UPDATE pc SET w = 1 WHERE id <= 20; COMMIT")
+    reads, upto = _record(pg, "s_pc", res.publication, 50)
+
+    def stream(target: duckfile.DuckTarget, control: psycopg.Connection) -> streaming.ChangeStream:
+        return streaming.ChangeStream(
+            dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
+            states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto), poll_seconds=0.05,
+        )
+
+    target = duckfile.DuckTarget(replayed)
+    real_commit = target.commit
+
+    def failing_commit() -> None:  # as DuckDB's own failed COMMIT: the transaction is gone
+        target.rollback()
+        raise RuntimeError("commit refused")
+
+    target.commit = failing_commit  # type: ignore[method-assign]
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as control:
+            with pytest.raises(RuntimeError, match="commit refused"):
+                stream(target, control).run(upto, threading.Event())
+            target.commit = real_commit  # type: ignore[method-assign]
+            stream(target, control).run(upto, threading.Event())
+    finally:
+        target.close()
+    assert helpers.assert_same(pg, replayed, "pc") == 100
+
+
+def test_a_pin_before_a_partly_applied_transaction_is_missed_after_a_restart(
+    pg: helpers.Source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop in the middle of a transaction leaves its changes before a schema change committed
+    (a partial checkpoint).  After the restart, the copy holds part of that transaction, so a pin
+    at or before its commit cannot be served: it is missed (and asked again), never served on a
+    copy that is past it."""
+    pg.execute("CREATE TABLE pp (id int PRIMARY KEY, v text); INSERT INTO pp SELECT g, 'v' FROM generate_series(1, 100) g")
+    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
+    res = helpers.sync_once(pg, live, "pp")
+    shutil.copy(live, replayed)
+    pg.execute("SELECT pg_create_logical_replication_slot('s_pp', 'pgoutput')")
+    pg.execute("BEGIN; UPDATE pp SET v = 'a' WHERE id <= 10; ALTER TABLE pp ADD COLUMN w int;"
+               "UPDATE pp SET w = 1 WHERE id <= 20; COMMIT")
+    reads, upto = _record(pg, "s_pp", res.publication, 50)
+    msgs = [m for batch, _ in reads for m in batch]
+    begin = next(pgoutput.decode(m) for m in msgs if m[:1] == b"B")
+    assert isinstance(begin, pgoutput.Begin)
+    final = begin.final_lsn
+    without_commit = [(msgs[:-1], 0)]  # the transaction stops arriving before its Commit
+    target = duckfile.DuckTarget(replayed)
+    monkeypatch.setattr(streaming, "STOP_GRACE_SECONDS", 0.2)
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as control:
+            def stream(src: receiving.Recorded, pins: pinning.Pins | None = None) -> streaming.ChangeStream:
+                return streaming.ChangeStream(
+                    dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
+                    states=target.table_states(), open_stream=lambda: src, poll_seconds=0.05, pins=pins,
+                )
+
+            stopped = threading.Event()
+            stopped.set()  # stop at once: the open transaction is left after the grace period
+            stream(receiving.Recorded(without_commit, 0)).run(None, stopped)
+            assert target.checkpoint(res.slot)[1] == final  # its first part is committed
+            pins = pinning.Pins()
+            outcome: list[object] = []
+            with pins.holding(5):  # the restarted writer waits before the transaction starts again
+                t = threading.Thread(target=lambda: stream(receiving.Recorded(reads, upto), pins).run(upto, threading.Event()))
+                t.start()
+                assert pins.wait_serving(10)
+                pin = pins.post(final, lambda tgt: "served")
+            try:
+                outcome.append(pins.wait(pin, 10))
+            except pinning.Missed as exc:
+                outcome.append(exc)
+            t.join()
+    finally:
+        target.close()
+    assert isinstance(outcome[0], pinning.Missed), outcome
+    assert helpers.assert_same(pg, replayed, "pp") == 100

@@ -125,7 +125,9 @@ class ChangeStream:
         self._last_lag = 0.0
         self._collected = self._collected_all = 0.0  # when the loop last ran the cyclic garbage collector
         # commit LSN of the latest transaction in the target (at least: everything before the checkpoint)
-        self._last_begun = max(0, applied - 1)
+        # (a transaction partly committed before a restart is in the target too: a pin at or
+        # before its commit was missed)
+        self._last_begun = max(0, applied - 1, self._partial_final)
         self._txn_open = False  # a DuckDB transaction is open for the loop (begun when first needed)
         self._last_end = applied  # end LSN of the latest whole transaction received
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -205,7 +207,7 @@ class ChangeStream:
                         batch_changes += 1
                         if len(ap.pending) >= self.piece_changes:
                             self._duck()
-                            ap.flush()
+                            self.stats.applied_rows += ap.flush()
                         continue
                     msg = pgoutput.decode(data)
                     if isinstance(msg, pgoutput.Begin):
@@ -321,7 +323,10 @@ class ChangeStream:
                         pins.close()
                     if self._txn_open:
                         self._txn_open = False
-                        self.target.rollback()  # only an unfinished transaction remains; it is resent
+                        try:
+                            self.target.rollback()  # only an unfinished transaction remains; it is resent
+                        except Exception:  # (a failed COMMIT has rolled back already) the first error is the one to report
+                            log.warning("rolling back the open DuckDB transaction failed", exc_info=True)
                 finally:
                     stream.close()  # whatever failed: the slot must not stay held by this process
                     self._stream = None
@@ -342,7 +347,7 @@ class ChangeStream:
         for ap in self.appliers.values():
             if len(ap.pending) >= self.piece_changes:
                 self._duck()
-                ap.flush()
+                self.stats.applied_rows += ap.flush()
 
     def _idle(self) -> None:
         self._collect()
