@@ -293,3 +293,40 @@ def test_replica_identity_changed_while_streaming(pg: helpers.Source, duck_path:
     helpers.sync_once(pg, duck_path, "idc", "fk")
     assert helpers.assert_same(pg, duck_path, "idc") == 81
     assert helpers.assert_same(pg, duck_path, "fk") == 42
+
+
+def test_a_source_database_in_another_encoding(pg: helpers.Source, duck_path: str) -> None:
+    """A LATIN1 database: the snapshot's COPY and the stream's text both arrive as UTF-8."""
+    name = f"{pg.dbname}_latin1"
+    with psycopg.connect(pg.server.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" ENCODING \'LATIN1\' TEMPLATE template0 LC_COLLATE \'C\' LC_CTYPE \'C\'')
+    src = helpers.Source(pg.server, name)
+    try:
+        src.execute("CREATE TABLE l (id int PRIMARY KEY, t text, c char(3)); INSERT INTO l VALUES (1, 'é à', 'ü')")
+        helpers.sync_once(src, duck_path, "l")
+        src.execute("INSERT INTO l VALUES (2, 'ñ ÿ', 'ß'); UPDATE l SET t = t || ' ç' WHERE id = 1")
+        helpers.sync_once(src, duck_path, "l")
+        assert helpers.assert_same(src, duck_path, "l") == 2
+        con = duckdb.connect(duck_path, read_only=True)
+        assert con.execute("SELECT t FROM public.l ORDER BY id").fetchall() == [("é à ç",), ("ñ ÿ",)]
+        con.close()
+    finally:
+        with psycopg.connect(pg.server.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                         (name,))
+            conn.execute(f'DROP DATABASE "{name}"')
+
+
+def test_options_in_the_dsn_are_kept(pg: helpers.Source) -> None:
+    from datasync.sources import connecting
+
+    conn = connecting.connect(pg.dsn + "?options=-csearch_path%3Dmine")
+    try:
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        assert cur.fetchone() == ("mine",)
+        cur.execute("SHOW TimeZone")  # ours still apply
+        assert cur.fetchone() == ("UTC",)
+    finally:
+        conn.close()

@@ -86,6 +86,21 @@ def options() -> str:
     return " ".join(f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in SESSION_SETTINGS.items())
 
 
+def _params(dsn: str) -> dict[str, Any]:
+    """Connection parameters added to the DSN's: UTF-8 text whatever the database encoding (COPY
+    and pgoutput convert to it; DuckDB and Arrow strings are UTF-8), and our session settings
+    after any ``options`` the DSN gives (which are kept: e.g. a search_path)."""
+    try:
+        given = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        given = {}  # the connect call reports the bad DSN
+    return {
+        "options": f"{given.get('options', '')} {options()}".strip(),
+        "client_encoding": "UTF8",
+        "connect_timeout": given.get("connect_timeout", 10),
+    }
+
+
 def connect(dsn: str, *, autocommit: bool = True, replication: bool = False) -> _Connection:
     """A psycopg2 connection with DataSync's session settings (see the module docstring), or SourceError."""
     kwargs: dict[str, Any] = {"connection_factory": _Connection}
@@ -101,7 +116,7 @@ def connect_psycopg3(dsn: str, *, autocommit: bool = True) -> psycopg.Connection
     import psycopg
 
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, options=options(), connect_timeout=10)
+        return psycopg.connect(dsn, autocommit=autocommit, **_params(dsn))
     except psycopg.ProgrammingError as exc:
         raise errors.SourceError(
             f"invalid source DSN: {exc}",
@@ -120,7 +135,7 @@ def connect_libpq2(dsn: str, *, logical_replication: bool = False) -> Any:
 
 def _connect2(dsn: str, for_replication: bool, **kwargs: Any) -> Any:
     try:
-        return psycopg2.connect(dsn, options=options(), connect_timeout=10, **kwargs)
+        return psycopg2.connect(dsn, **_params(dsn), **kwargs)
     except psycopg2.OperationalError as exc:
         raise explain(dsn, str(exc), for_replication) from None
     except psycopg2.ProgrammingError as exc:
