@@ -132,9 +132,21 @@ class TableApplier:
         self._ensure_layout()
         self.pending[self._key(new)] = (UPSERT, new, None)
 
-    def update(self, new: list[pgoutput.Value], old: list[pgoutput.Value] | None, unchanged: bool | None = None) -> None:
-        """Fold an update; ``unchanged``: whether ``new`` holds UNCHANGED markers (computed if None)."""
+    def update(
+        self,
+        new: list[pgoutput.Value],
+        old: list[pgoutput.Value] | None,
+        unchanged: bool | None = None,
+        old_is_key_only: bool = True,
+    ) -> None:
+        """Fold an update; ``unchanged``: whether ``new`` holds UNCHANGED markers (computed if None);
+        ``old_is_key_only``: ``old`` holds only the key (else the whole old row: REPLICA IDENTITY FULL)."""
         self._ensure_layout()
+        if old is not None and not old_is_key_only and unchanged is not False and pgoutput.UNCHANGED in new:
+            # FULL logs the whole old row, TOASTed values inlined: it has what the new row left out
+            # (and a key of every column must not hold the marker)
+            new = [o if v is pgoutput.UNCHANGED else v for v, o in zip(new, old, strict=False)]
+            unchanged = None
         key = self._key(new)
         lookup = key
         if old is not None:

@@ -192,7 +192,7 @@ class ChangeStream:
                         self._txn_index += 1
                         if self._txn_index <= skip_upto:
                             continue  # applied before a restart, in a partly committed transaction
-                        tag, relid, new, old, _, unchanged = change
+                        tag, relid, new, old, old_is_key_only, unchanged = change
                         ap = self.by_relid.get(relid)
                         if ap is None or final_lsn < ap.state.snapshot_lsn:
                             continue
@@ -201,7 +201,7 @@ class ChangeStream:
                         if tag == 0x49:
                             ap.insert(new)
                         elif tag == 0x55:
-                            ap.update(new, old, unchanged)
+                            ap.update(new, old, unchanged, old_is_key_only)
                         else:
                             ap.delete(old)
                         batch_changes += 1
