@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from datasync import errors
 from datasync.sources.embedded import EmbeddedPostgres, free_port
 from tests import helpers
 
@@ -153,3 +156,41 @@ def test_values_beyond_duckdb_range_stop_with_a_clear_error(pg: helpers.Source, 
     with duckdb.connect(target, read_only=True) as con:
         assert con.execute("SELECT id, ts FROM public.near").fetchall()[0][0] == 1
         assert con.execute("SELECT count(*) FROM public.near").fetchone() == (1,)
+
+
+def test_a_slot_another_sync_streams_is_refused_before_anything_changes(
+    pg: helpers.Source, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasync.sources import checking, receiving
+
+    pg.execute("CREATE TABLE h1 (id int PRIMARY KEY); CREATE TABLE h2 (id int PRIMARY KEY); INSERT INTO h2 VALUES (1)")
+    first, second = str(tmp_path / "first.duckdb"), str(tmp_path / "second.duckdb")
+    res = helpers.sync_once(pg, first, "h1")
+    monkeypatch.setattr(checking, "ACTIVE_SLOT_WAIT_SECONDS", 0.3)
+    holder = receiving.Stream(pg.dsn, res.slot, res.publication)  # the other sync, streaming
+    try:
+        with pytest.raises(errors.SourceError, match="in use by another process"):
+            helpers.sync_once(pg, second, "h2", slot=res.slot, publication=res.publication)
+    finally:
+        holder.close()
+    assert pg.query("SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (res.publication,)) == [("h1",)]
+    assert not os.path.exists(second)
+
+
+def test_every_snapshot_slot_has_a_name_of_its_own(
+    pg: helpers.Source, duck_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasync.sources import replication
+
+    names: list[str] = []
+    real = replication.exported_snapshot
+
+    def recording(dsn: str, name: str) -> object:
+        names.append(name)
+        return real(dsn, name)
+
+    monkeypatch.setattr(replication, "exported_snapshot", recording)
+    pg.execute("CREATE TABLE s1 (id int PRIMARY KEY); CREATE TABLE s2 (id int PRIMARY KEY); CREATE TABLE s3 (id int PRIMARY KEY)")
+    helpers.sync_once(pg, duck_path, "s1", "s2", "s3", slot="s" * 63)
+    assert len(names) == 3 and len(set(names)) == 3
+    assert all(len(n) <= 63 for n in names)

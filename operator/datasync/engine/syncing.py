@@ -14,6 +14,7 @@ snapshot's readers run (:mod:`datasync.engine.reading`): on a new target the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # imported where used: see the module docstring
     from datasync.targets import duckfile
 
 log = logging.getLogger(__name__)
+_snapshots = itertools.count(1)  # numbers the temporary snapshot slots of this process
 
 
 @dataclasses.dataclass
@@ -176,7 +178,10 @@ def snapshot(opts: Options, table: catalog.Table, target: _Target, slot: str, re
     import time
 
     started = time.monotonic()
-    tmp_slot = f"{slot}_snap_{os.getpid()}"[:63]
+    # one name per snapshot: the previous table's temporary slot may not be dropped yet (its
+    # walsender exits after the connection closes), and a reused name failed as a duplicate
+    suffix = f"_snap_{os.getpid()}_{next(_snapshots)}"
+    tmp_slot = slot[: 63 - len(suffix)] + suffix
     with replication.exported_snapshot(opts.source, tmp_slot) as snap:
         reader = connecting.connect(opts.source, autocommit=False)
         try:

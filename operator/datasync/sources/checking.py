@@ -6,10 +6,13 @@ the first CREATE, a failing sync leaves no publication or slot behind.
 
 from __future__ import annotations
 
+import time
+
 from datasync import errors, identifiers
 from datasync.sources import catalog, connecting, replication
 
 MIN_SERVER_VERSION = 140000
+ACTIVE_SLOT_WAIT_SECONDS = 5.0  # a slot still held this long after the checks start is another sync's
 
 
 def _setting(conn: connecting.Connection, name: str) -> str:
@@ -108,6 +111,16 @@ def check_slots(conn: connecting.Connection, slot: str, need_snapshot: bool) -> 
                 "raise max_wal_senders and restart PostgreSQL",
             )
     info = replication.slot_info(conn, slot)
+    deadline = time.monotonic() + ACTIVE_SLOT_WAIT_SECONDS
+    while info is not None and info.active and time.monotonic() < deadline:
+        time.sleep(0.1)  # a sync that just died: its walsender is on its way out
+        info = replication.slot_info(conn, slot)
+    if info is not None and info.active:
+        # before anything is changed: the other sync's publication, a snapshot into this target
+        raise errors.SourceError(
+            f"replication slot {slot} is in use by another process",
+            "only one sync may stream a slot; stop the other one, or give this one its own --slot",
+        )
     if info is not None and info.plugin != "pgoutput":
         raise errors.SourceError(
             f"replication slot {slot} exists but uses plugin {info.plugin!r}, not pgoutput",
