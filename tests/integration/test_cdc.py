@@ -348,3 +348,19 @@ def test_replica_identity_full_with_unchanged_toast(pg: helpers.Source, duck_pat
     helpers.sync_once(pg, duck_path, "ft", "fp")
     assert helpers.assert_same(pg, duck_path, "ft") == 2
     assert helpers.assert_same(pg, duck_path, "fp") == 5
+
+
+def test_an_inheritance_parent_is_published_alone(pg: helpers.Source, duck_path: str) -> None:
+    """The copy of an inheritance parent holds its own rows (read ONLY), and its child tables stay
+    out of the publication: a child without a replica identity keeps taking UPDATE and DELETE."""
+    pg.execute(
+        """CREATE TABLE parent (id int PRIMARY KEY, v text); CREATE TABLE child (extra int) INHERITS (parent);
+           INSERT INTO parent VALUES (1, 'p'); INSERT INTO child VALUES (2, 'c', 1);"""
+    )
+    res = helpers.sync_once(pg, duck_path, "parent")
+    assert pg.query("SELECT tablename FROM pg_publication_tables WHERE pubname = %s", (res.publication,)) == [("parent",)]
+    pg.execute("UPDATE child SET v = 'changed'; DELETE FROM child; INSERT INTO parent VALUES (3, 'p3')")
+    helpers.sync_once(pg, duck_path, "parent")
+    con = duckdb.connect(duck_path, read_only=True)
+    assert con.execute("SELECT id, v FROM public.parent ORDER BY id").fetchall() == [(1, "p"), (3, "p3")]
+    con.close()

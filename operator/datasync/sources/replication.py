@@ -71,8 +71,15 @@ def publication_tables(conn: connecting.Connection, publication: str) -> set[ide
     return {identifiers.TableName(s, t) for s, t in rows}
 
 
+def _only(tables: list[identifiers.TableName]) -> str:
+    # ONLY: an inheritance parent's child tables must not join the publication (the copy reads
+    # the parent ONLY; and a child without a replica identity then refuses UPDATE and DELETE on
+    # the source).  A partitioned table still publishes its partitions, through the root.
+    return ", ".join(f"ONLY {t.sql}" for t in tables)
+
+
 def create_publication(conn: connecting.Connection, publication: str, tables: list[identifiers.TableName]) -> None:
-    names = ", ".join(t.sql for t in tables)
+    names = _only(tables)
     conn.execute(
         f"CREATE PUBLICATION {identifiers.quote(publication)} FOR TABLE {names} "
         "WITH (publish_via_partition_root = true)"
@@ -81,14 +88,12 @@ def create_publication(conn: connecting.Connection, publication: str, tables: li
 
 def add_tables(conn: connecting.Connection, publication: str, tables: list[identifiers.TableName]) -> None:
     if tables:
-        names = ", ".join(t.sql for t in tables)
-        conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} ADD TABLE {names}")
+        conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} ADD TABLE {_only(tables)}")
 
 
 def drop_tables(conn: connecting.Connection, publication: str, tables: list[identifiers.TableName]) -> None:
     if tables:
-        names = ", ".join(t.sql for t in tables)
-        conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} DROP TABLE {names}")
+        conn.execute(f"ALTER PUBLICATION {identifiers.quote(publication)} DROP TABLE {_only(tables)}")
 
 
 def drop_publication(conn: connecting.Connection, publication: str) -> None:
