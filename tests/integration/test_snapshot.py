@@ -450,3 +450,16 @@ def test_a_load_failing_before_it_streams_stops_the_readers(pg: helpers.Source, 
     assert gc.isenabled()
     assert pg.query("SELECT count(*) FROM pg_stat_activity WHERE backend_xmin IS NOT NULL "
                     "AND backend_type = 'client backend' AND pid <> pg_backend_pid()") == [(0,)]
+
+
+def test_a_double_quote_in_schema_and_table_names(pg: helpers.Source, duck_path: str) -> None:
+    """Names holding a double quote: several DuckDB threads leave partial row groups, whose gathering
+    must not fail on the name (it did, and every rerun failed the same way)."""
+    pg.execute(
+        """CREATE SCHEMA "we""ird"; CREATE TABLE "we""ird"."t""q" (id int PRIMARY KEY, v text);
+           INSERT INTO "we""ird"."t""q" SELECT g, md5(g::text) FROM generate_series(1, 300000) g;"""
+    )
+    helpers.sync_once(pg, duck_path, '"we""ird"."t""q"', snapshot_workers=4)
+    pg.execute("""UPDATE "we""ird"."t""q" SET v = 'u' WHERE id <= 10""")
+    helpers.sync_once(pg, duck_path, '"we""ird"."t""q"', snapshot_workers=4)
+    assert helpers.assert_same(pg, duck_path, '"we""ird"."t""q"') == 300000
