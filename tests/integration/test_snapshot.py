@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any
+
 import duckdb
+import pytest
 
 from tests import helpers
 
@@ -463,3 +468,45 @@ def test_a_double_quote_in_schema_and_table_names(pg: helpers.Source, duck_path:
     pg.execute("""UPDATE "we""ird"."t""q" SET v = 'u' WHERE id <= 10""")
     helpers.sync_once(pg, duck_path, '"we""ird"."t""q"', snapshot_workers=4)
     assert helpers.assert_same(pg, duck_path, '"we""ird"."t""q"') == 300000
+
+
+def test_a_table_rewritten_during_its_snapshot_fails_and_the_rerun_is_exact(
+    pg: helpers.Source, duck_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VACUUM FULL between the planning of page ranges and a reader's first read gives that
+    reader another file: the snapshot stops with a clear error (it copied rows of the wrong pages
+    before), and the next run copies the table anew."""
+    from datasync import errors
+    from datasync.engine import reading
+    from datasync.sources import connecting
+
+    monkeypatch.setattr(reading, "PAGES_PER_CHUNK", 50)
+    pg.execute("CREATE TABLE rw (id int PRIMARY KEY, p text);"
+               "INSERT INTO rw SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g;"
+               "DELETE FROM rw WHERE id % 2 = 0")  # VACUUM FULL then moves rows to earlier pages
+    real_connect, connects = connecting.connect_libpq2, []
+
+    def slow_second_reader(dsn: str, **kw: Any) -> Any:
+        connects.append(1)
+        if len(connects) == 2:
+            time.sleep(1.0)  # while the first reader reads, a rewrite queues up
+        return real_connect(dsn, **kw)
+
+    real_read, rewrites = reading.read_binary, []
+
+    def read(*args: Any) -> Any:
+        out = real_read(*args)
+        if not rewrites:
+            rewrites.append(threading.Thread(target=lambda: pg.execute("VACUUM FULL rw")))
+            rewrites[0].start()
+        time.sleep(0.02)
+        return out
+
+    monkeypatch.setattr(connecting, "connect_libpq2", slow_second_reader)
+    monkeypatch.setattr(reading, "read_binary", read)
+    with pytest.raises(errors.SourceError, match="rewritten while its snapshot was being read"):
+        helpers.sync_once(pg, duck_path, "rw")
+    rewrites[0].join()
+    monkeypatch.undo()
+    helpers.sync_once(pg, duck_path, "rw")
+    assert helpers.assert_same(pg, duck_path, "rw") == 50000

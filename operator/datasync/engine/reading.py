@@ -46,6 +46,7 @@ class Chunk:
     leaf: identifiers.TableName
     first_page: int
     end_page: int | None  # None: open-ended
+    filenode: int = 0  # the leaf's file when planned: pages of another file are other rows
 
 
 def plan_chunks(conn: Any, table: catalog.Table, pages_per_chunk: int | None = None) -> list[Chunk]:
@@ -53,14 +54,16 @@ def plan_chunks(conn: Any, table: catalog.Table, pages_per_chunk: int | None = N
     chunks: list[Chunk] = []
     for leaf in table.leaves:
         row = conn.execute(
-            "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::bigint", (leaf.sql,)
+            "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::bigint, "
+            "pg_relation_filenode(%s::regclass)",
+            (leaf.sql, leaf.sql),
         ).fetchone()
-        pages = int(row[0]) if row else 0
+        pages, filenode = (int(row[0]), int(row[1] or 0)) if row else (0, 0)
         start = 0
         while start + pages_per_chunk < pages:
-            chunks.append(Chunk(leaf, start, start + pages_per_chunk))
+            chunks.append(Chunk(leaf, start, start + pages_per_chunk, filenode))
             start += pages_per_chunk
-        chunks.append(Chunk(leaf, start, None))
+        chunks.append(Chunk(leaf, start, None, filenode))
     return chunks
 
 
@@ -203,6 +206,7 @@ class Readers:
         self.dsn, self.snapshot_id, self.table = dsn, snapshot_id, table
         self.plan = binary_plan(table)
         self.workers = max(1, min(workers, len(chunks)))
+        self.filenodes = {c.leaf: c.filenode for c in chunks}
         self.work: queue.Queue[Chunk | None] = queue.Queue()
         for chunk in chunks:
             self.work.put(chunk)
@@ -233,6 +237,29 @@ class Readers:
             if t.ident is not None:
                 t.join()
 
+    def _lock_planned(self, conn: Any) -> None:
+        """Hold the leaves as planned until this reader's transaction ends, or fail.
+
+        Chunks are page ranges: a rewrite (VACUUM FULL, CLUSTER, a rewriting ALTER TABLE)
+        between the planning and a reader's first read would give that reader pages of
+        another file, holding other rows.  Once locked, no rewrite can come; one that came
+        before shows as a new file.
+        """
+        leaves = sorted(self.filenodes, key=lambda leaf: leaf.sql)
+        if not leaves:
+            return
+        cur = conn.cursor()
+        cur.execute(f"LOCK TABLE {', '.join(f'ONLY {leaf.sql}' for leaf in leaves)} IN ACCESS SHARE MODE")
+        for leaf in leaves:
+            cur.execute("SELECT pg_relation_filenode(%s::regclass)", (leaf.sql,))
+            row = cur.fetchone()
+            if row is None or int(row[0] or 0) != self.filenodes[leaf]:
+                raise errors.SourceError(
+                    f"{leaf} was rewritten while its snapshot was being read (VACUUM FULL, CLUSTER or an "
+                    "ALTER TABLE that rewrites it)",
+                    "nothing was lost: run the sync again, and it copies the table anew",
+                )
+
     def _reading(self) -> None:
         """Read chunks as of the snapshot: binary ones onto ``decoded``, text ones onto ``texts``."""
         plan, failed = self.plan, self.failed
@@ -241,6 +268,7 @@ class Readers:
             try:
                 conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
                 conn.cursor().execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot_id,))
+                self._lock_planned(conn)
                 sizes = new_sizes(plan) if plan is not None else None
                 while (chunk := self.work.get()) is not None:
                     if failed.is_set():
