@@ -510,3 +510,17 @@ def test_a_table_rewritten_during_its_snapshot_fails_and_the_rerun_is_exact(
     monkeypatch.undo()
     helpers.sync_once(pg, duck_path, "rw")
     assert helpers.assert_same(pg, duck_path, "rw") == 50000
+
+
+def test_a_leading_byte_order_mark_is_kept_on_the_text_paths(pg: helpers.Source, duck_path: str) -> None:
+    """U+FEFF opening the first value of a CSV chunk is data: kept by the text snapshot path (an
+    interval beyond Arrow's range sends the chunk there) and by the back-fill of an added column."""
+    pg.execute("CREATE TABLE bom (t text PRIMARY KEY, iv interval);"
+               "INSERT INTO bom VALUES (E'\\uFEFFa', '3000000 hours'), ('b', '1 hour')")
+    helpers.sync_once(pg, duck_path, "bom")
+    pg.execute("ALTER TABLE bom ADD COLUMN d int DEFAULT 5; UPDATE bom SET iv = '2 hours' WHERE t = 'b'")
+    helpers.sync_once(pg, duck_path, "bom")
+    assert helpers.assert_same(pg, duck_path, "bom") == 2
+    con = duckdb.connect(duck_path, read_only=True)
+    assert con.execute("SELECT length(t), d FROM public.bom ORDER BY t DESC").fetchall() == [(2, 5), (1, 5)]
+    con.close()

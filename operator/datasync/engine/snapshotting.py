@@ -129,11 +129,18 @@ def _arrow(nrows: int, columns: list[tuple[Any, Any, Any]], plan: BinaryPlan) ->
 
 
 def read_csv(data: bytes | io.BytesIO, ncols: int) -> pa.Table:
+    """PostgreSQL CSV (COPY … FORMAT csv) as string columns c0…; NULL is an unquoted empty field.
+
+    A line break goes first and is skipped: pyarrow drops a byte-order mark at the start of
+    its input, which would take a leading U+FEFF off the first value.  Empty lines are rows
+    (a one-column NULL).
+    """
     names = [f"c{i}" for i in range(ncols)]
+    raw = data if isinstance(data, bytes) else data.getvalue()
     return pacsv.read_csv(
-        io.BytesIO(data) if isinstance(data, bytes) else data,
-        read_options=pacsv.ReadOptions(column_names=names, block_size=4 << 20, use_threads=False),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        io.BytesIO(b"\n" + raw),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=4 << 20, use_threads=False, skip_rows=1),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
             strings_can_be_null=True,
