@@ -36,8 +36,10 @@ class TargetError(DataSyncError):
 
 
 def value_out_of_range(what: str, detail: str, consequence: str) -> TargetError:
-    """A value DuckDB's type cannot hold (in practice: timestamps past DuckDB's end)."""
+    """A value DuckDB's type cannot hold (see the README's type table)."""
     return TargetError(
         f"{what}: {detail}",
-        f"DuckDB's TIMESTAMP/TIMESTAMPTZ end at 294247-01-10 (PostgreSQL's at 294276); {consequence}",
+        "DuckDB cannot hold some values PostgreSQL accepts: timestamps after 294247-01-10, interval "
+        "'infinity' and intervals of 1,000,000,000 hours or more, json with an unpaired surrogate "
+        f"escape (\\ud800); {consequence}",
     )

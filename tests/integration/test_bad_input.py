@@ -194,3 +194,17 @@ def test_every_snapshot_slot_has_a_name_of_its_own(
     helpers.sync_once(pg, duck_path, "s1", "s2", "s3", slot="s" * 63)
     assert len(names) == 3 and len(set(names)) == 3
     assert all(len(n) <= 63 for n in names)
+
+
+@pytest.mark.parametrize("ddl, value", [
+    ("iv interval", "'infinity'"),
+    ("iv interval", "'1000000000:00:00'"),
+    ("j json", """'"\\ud800"'"""),
+])
+def test_other_values_duckdb_cannot_hold_stop_with_a_clear_error(
+    pg: helpers.Source, duck_path: str, ddl: str, value: str
+) -> None:
+    pg.execute(f"CREATE TABLE odd (id int PRIMARY KEY, {ddl}); INSERT INTO odd VALUES (1, {value})")
+    code, err = _sync(pg.dsn, duck_path, "odd")
+    assert code != 0 and "public.odd: a value does not fit its DuckDB type" in err, err
+    assert "DuckDB cannot hold some values PostgreSQL accepts" in err and "Traceback" not in err, err

@@ -41,7 +41,8 @@ _SIMPLE: dict[str, str] = {
 
 DOC_ROWS: list[tuple[str, str, str]] = [
     ("smallint, integer, bigint", "SMALLINT, INTEGER, BIGINT", "exact"),
-    ("numeric(p,s), p ≤ 38", "DECIMAL(p,s)", "exact; NaN has no DECIMAL form and becomes NULL"),
+    ("numeric(p,s), p ≤ 38", "DECIMAL(p,s)",
+     "exact; NaN has no DECIMAL form and becomes NULL (so a NaN in a key column cannot be matched)"),
     ("numeric (no precision), p > 38", "VARCHAR", "exact text: huge values, NaN, ±Infinity"),
     ("real, double precision", "FLOAT, DOUBLE", "exact (shortest round-trip text), NaN, ±Infinity"),
     ("boolean", "BOOLEAN", "exact"),
@@ -50,9 +51,12 @@ DOC_ROWS: list[tuple[str, str, str]] = [
     ("date, time, timestamp", "DATE, TIME, TIMESTAMP",
      "exact (µs); ±infinity and BC dates kept; timestamps after 294247-01-10 (DuckDB's end) stop the sync with an error"),
     ("timetz, timestamptz", "TIMETZ, TIMESTAMPTZ", "exact instant (µs), UTC; same range as timestamp"),
-    ("interval", "INTERVAL", "exact months/days/µs"),
+    ("interval", "INTERVAL",
+     "exact months/days/µs; 'infinity' (PostgreSQL 17+) and 1,000,000,000 hours or more stop the sync with an error"),
     ("uuid", "UUID", "exact"),
-    ("json, jsonb", "JSON", "exact text (json keeps its formatting)"),
+    ("json, jsonb", "JSON",
+     "exact text (json keeps its formatting); json with an unpaired surrogate escape (`\\ud800`) stops the sync "
+     "with an error"),
     ("inet, cidr, macaddr, money, xml, ranges, …", "VARCHAR", "exact text form"),
     ("arrays (any element type)", "VARCHAR", "exact text form, e.g. {1,NULL,3}"),
     ("enums", "VARCHAR", "label"),
