@@ -208,3 +208,15 @@ def test_other_values_duckdb_cannot_hold_stop_with_a_clear_error(
     code, err = _sync(pg.dsn, duck_path, "odd")
     assert code != 0 and "public.odd: a value does not fit its DuckDB type" in err, err
     assert "DuckDB cannot hold some values PostgreSQL accepts" in err and "Traceback" not in err, err
+
+
+def test_a_source_schema_named_like_datasyncs_own_is_refused(pg: helpers.Source, duck_path: str) -> None:
+    from datasync.sources import checking
+    from datasync.targets import duckfile
+
+    assert checking.TARGET_META_SCHEMA == duckfile.META
+    pg.execute('CREATE SCHEMA "_DataSync"; CREATE TABLE "_DataSync".tables (id int PRIMARY KEY)')
+    code, err = _sync(pg.dsn, duck_path, '"_DataSync".tables')
+    err = " ".join(err.split())  # (the CLI wraps its lines)
+    assert code == 2 and "where DataSync keeps its own state" in err and "rename the source schema" in err, err
+    _nothing_left(pg)
