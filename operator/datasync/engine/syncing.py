@@ -197,6 +197,7 @@ def snapshot(opts: Options, table: catalog.Table, target: _Target, slot: str, re
         finally:
             reader.close()
         readers = reading.Readers(opts.source, snap.snapshot_id, table, chunks, workers=opts.snapshot_workers).start()
+        made: tuple[duckfile.DuckTarget, identifiers.TableName] | None = None  # the loading table, once created
         try:
             # the readers fill their queue while DuckDB is imported and the target made ready
             from datasync.engine import snapshotting
@@ -213,11 +214,14 @@ def snapshot(opts: Options, table: catalog.Table, target: _Target, slot: str, re
             duck.create_table(loading, state.columns)
             duck.save_table_state(state)
             duck.commit()
+            made = (duck, loading)
             rows = snapshotting.copy_table(
                 readers, duck, loading, on_rows=lambda n: reporter.snapshot_rows(table.name, n),
             )
         except BaseException:
             readers.stop()  # (copy_table stops them itself once it runs: stopping twice is harmless)
+            if made is not None:
+                _drop_partial(*made)
             raise
         state.state = "streaming"
         state.rows_snapshotted = rows
@@ -231,6 +235,15 @@ def snapshot(opts: Options, table: catalog.Table, target: _Target, slot: str, re
             raise
     reporter.snapshot_done(table.name, rows, time.monotonic() - started)
     return rows
+
+
+def _drop_partial(duck: duckfile.DuckTarget, loading: identifiers.TableName) -> None:
+    """A failed snapshot leaves no half-loaded table in the user's schema (its state row stays:
+    the next run snapshots the table anew)."""
+    try:
+        duck.con.execute(f"DROP TABLE IF EXISTS {loading.sql}")
+    except Exception:  # the snapshot's own error is the one to report
+        log.warning("could not drop the partly loaded %s", loading, exc_info=True)
 
 
 def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event | None = None) -> Result:
