@@ -1,9 +1,11 @@
 """PostgreSQL → DuckDB type mapping.
 
 One table decides, per PostgreSQL base type, the DuckDB column type and the SQL
-that turns PostgreSQL's *text* output into it.  Both the snapshot (COPY CSV) and
-CDC (pgoutput, text mode) hand us PostgreSQL's exact text rendering, so a single
-cast expression serves both paths and they cannot disagree.
+that turns PostgreSQL's *text* output into it.  CDC (pgoutput, text mode), the
+snapshot's CSV fallback and the back-fills hand us PostgreSQL's exact text
+rendering, so a single cast expression serves them all.  The snapshot's binary
+COPY decodes the fixed layouts in C (``datasync.engine.reading``) and selects the
+other types as that same text; tests compare the paths value by value.
 
 Where DuckDB has no native type that holds every value exactly (unconstrained
 ``numeric``, ``inet``, arrays, enums, ranges, …) the column is ``VARCHAR`` with
