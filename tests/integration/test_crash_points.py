@@ -17,11 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from datasync.engine import streaming
-from datasync.sources import receiving
 from datasync.targets import duckfile
 from tests import helpers
-from tests.integration.test_receiving import _record
+from tests.integration.test_receiving import _replay
 
 
 class Crash(Exception):
@@ -53,40 +51,35 @@ class _CrashingCommits:
         target.commit = commit  # type: ignore[method-assign]
 
 
-def _changes(pg: helpers.Source) -> None:
-    for k in range(12):  # small transactions over both tables
-        pg.execute(f"UPDATE a SET v = 's{k}' WHERE id % 12 = {k};"
-                   f"INSERT INTO b VALUES ({k}, 1, 'n{k}') ON CONFLICT DO NOTHING")
-    pg.execute("UPDATE a SET v = 'big' WHERE id <= 250")  # applied in pieces at small batch sizes
-    pg.execute("UPDATE a SET v = 'toast' WHERE id % 7 = 0")  # unchanged TOAST values
-    pg.execute("UPDATE a SET id = id + 10000 WHERE id % 10 = 3")  # key changes, unchanged TOAST
-    pg.execute("BEGIN; UPDATE a SET v = 'x' WHERE id <= 20; TRUNCATE b;"
-               "INSERT INTO b SELECT g, 2, 'after' FROM generate_series(1, 40) g; UPDATE a SET v = 'y' WHERE id <= 30; COMMIT")
-    pg.execute("BEGIN; UPDATE a SET v = 'pre' WHERE id BETWEEN 50 AND 150; ALTER TABLE a ADD COLUMN w int DEFAULT 7;"
-               "UPDATE a SET w = id WHERE id BETWEEN 100 AND 200; UPDATE b SET v = 'bb' WHERE id < 10;"
-               "ALTER TABLE b DROP COLUMN v; INSERT INTO b VALUES (100, 3); UPDATE a SET v = 'post' WHERE id > 200; COMMIT")
-    for k in range(6):
-        pg.execute(f"UPDATE a SET v = 't{k}', t = t || 'z' WHERE id % 6 = {k}; DELETE FROM b WHERE id = {k}")
-    pg.execute("BEGIN; DELETE FROM a WHERE id % 11 = 0; ALTER TABLE a RENAME COLUMN v TO vv;"
-               "UPDATE a SET vv = 'ren' WHERE id % 5 = 1; COMMIT")
+_SETUP = ("CREATE TABLE a (id int PRIMARY KEY, v text, t text); ALTER TABLE a ALTER COLUMN t SET STORAGE EXTERNAL;"
+          "INSERT INTO a SELECT g, 'v', repeat(md5(g::text), 200) FROM generate_series(1, 300) g;"
+          "CREATE TABLE b (id int, k int, v text, PRIMARY KEY (id, k));"
+          "INSERT INTO b SELECT g, 0, 'b' FROM generate_series(1, 50) g")
+_CHANGES = [  # one transaction each
+    *(f"UPDATE a SET v = 's{k}' WHERE id % 12 = {k}; INSERT INTO b VALUES ({k}, 1, 'n{k}') ON CONFLICT DO NOTHING"
+      for k in range(12)),  # small transactions over both tables
+    "UPDATE a SET v = 'big' WHERE id <= 250",  # applied in pieces at small batch sizes
+    "UPDATE a SET v = 'toast' WHERE id % 7 = 0",  # unchanged TOAST values
+    "UPDATE a SET id = id + 10000 WHERE id % 10 = 3",  # key changes, unchanged TOAST
+    "BEGIN; UPDATE a SET v = 'x' WHERE id <= 20; TRUNCATE b;"
+    "INSERT INTO b SELECT g, 2, 'after' FROM generate_series(1, 40) g; UPDATE a SET v = 'y' WHERE id <= 30; COMMIT",
+    "BEGIN; UPDATE a SET v = 'pre' WHERE id BETWEEN 50 AND 150; ALTER TABLE a ADD COLUMN w int DEFAULT 7;"
+    "UPDATE a SET w = id WHERE id BETWEEN 100 AND 200; UPDATE b SET v = 'bb' WHERE id < 10;"
+    "ALTER TABLE b DROP COLUMN v; INSERT INTO b VALUES (100, 3); UPDATE a SET v = 'post' WHERE id > 200; COMMIT",
+    *(f"UPDATE a SET v = 't{k}', t = t || 'z' WHERE id % 6 = {k}; DELETE FROM b WHERE id = {k}" for k in range(6)),
+    "BEGIN; DELETE FROM a WHERE id % 11 = 0; ALTER TABLE a RENAME COLUMN v TO vv;"
+    "UPDATE a SET vv = 'ren' WHERE id % 5 = 1; COMMIT",
+]
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_crash_at_any_commit_loses_and_repeats_nothing(pg: helpers.Source, tmp_path: Path, seed: int) -> None:
     rnd = random.Random(seed)
-    pg.execute("CREATE TABLE a (id int PRIMARY KEY, v text, t text); ALTER TABLE a ALTER COLUMN t SET STORAGE EXTERNAL;"
-               "INSERT INTO a SELECT g, 'v', repeat(md5(g::text), 200) FROM generate_series(1, 300) g;"
-               "CREATE TABLE b (id int, k int, v text, PRIMARY KEY (id, k));"
-               "INSERT INTO b SELECT g, 0, 'b' FROM generate_series(1, 50) g")
-    live = str(tmp_path / "live.duckdb")
-    res = helpers.sync_once(pg, live, "a", "b")
-    pg.execute("SELECT pg_create_logical_replication_slot('s_crash', 'pgoutput')")
-    _changes(pg)
-    reads, upto = _record(pg, "s_crash", res.publication, rnd.choice([1, 7, 50, 1000]))
+    rec = _replay(pg, tmp_path, _SETUP, ("a", "b"), _CHANGES, rnd.choice([1, 7, 50, 1000]))
     crashes = 0
     for trial in range(5):
         path = str(tmp_path / f"trial{trial}.duckdb")
-        shutil.copy(live, path)
+        shutil.copy(rec.live, path)
         batch = rnd.choice([1, 2, 3, 7, 20, 60, 200])
         crash_at = rnd.randint(1, 12)
         after = rnd.random() < 0.5  # the commit took effect, then the process died
@@ -96,11 +89,9 @@ def test_a_crash_at_any_commit_loses_and_repeats_nothing(pg: helpers.Source, tmp
             crashing.install(target)
             try:
                 with psycopg.connect(pg.dsn, autocommit=True) as control:
-                    streaming.ChangeStream(
-                        dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-                        states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto),
-                        poll_seconds=0.01, batch_changes=batch, max_batch_seconds=rnd.choice([0.0, 5.0]),
-                    ).run(upto, threading.Event())
+                    rec.stream(
+                        target, control, poll_seconds=0.01, batch_changes=batch, max_batch_seconds=rnd.choice([0.0, 5.0]),
+                    ).run(rec.upto, threading.Event())
                 break
             except Crash:
                 continue

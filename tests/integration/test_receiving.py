@@ -3,15 +3,18 @@ confirmations reach the slot, and keepalive requests are answered."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from datasync.engine import applying, pgoutput, pinning, streaming
+from datasync.engine import applying, pgoutput, pinning, streaming, syncing
 from datasync.sources import receiving, replication
 from datasync.targets import duckfile
 from tests import helpers
@@ -106,6 +109,21 @@ def test_a_confirmation_still_owed_is_sent_on_close(pg: helpers.Source) -> None:
     assert pgoutput.parse_lsn(flushed) == ends[-1]
 
 
+def _table(t: str, rows: int, value: str = "'v'") -> str:
+    """A table (id, v) of ``rows`` rows."""
+    return f"CREATE TABLE {t} (id int PRIMARY KEY, v text); INSERT INTO {t} SELECT g, {value} FROM generate_series(1, {rows}) g"
+
+
+# one transaction: changes, a schema change (a partial commit when replayed), more changes
+_SCHEMA_CHANGE_MID_TXN = ("BEGIN; UPDATE {t} SET v = 'a' WHERE id <= 10; ALTER TABLE {t} ADD COLUMN w int;"
+                          "UPDATE {t} SET w = 1 WHERE id <= 20; COMMIT")
+
+
+def _hundreds(table: str, n: int) -> list[str]:
+    """``n`` transactions updating 100 rows each."""
+    return [f"UPDATE {table} SET v = 'u{k}' WHERE id BETWEEN {k * 100 + 1} AND {k * 100 + 100}" for k in range(n)]
+
+
 def _record(pg: helpers.Source, slot: str, publication: str, per_read: int) -> tuple[list[tuple[list[bytes], int]], int]:
     """The slot's stream up to the flushed WAL, as (messages, wal_end) reads for ``receiving.Recorded``."""
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
@@ -126,31 +144,64 @@ def _record(pg: helpers.Source, slot: str, publication: str, per_read: int) -> t
     return reads, upto
 
 
+@dataclasses.dataclass
+class _Replay:
+    """Tables synced into a copy (``live``; ``path`` is a copy of it to replay into), then
+    changes recorded from a slot of their own, up to ``upto``."""
+
+    pg: helpers.Source
+    res: syncing.Result
+    live: str
+    path: str
+    reads: list[tuple[list[bytes], int]]
+    upto: int
+
+    def stream(
+        self, target: duckfile.DuckTarget, control: psycopg.Connection, *,  # type: ignore[type-arg]
+        open_stream: Callable[[], receiving.Source] | None = None, **kw: Any,
+    ) -> streaming.ChangeStream:
+        """A ChangeStream over the recorded changes (or ``open_stream``) into ``target``."""
+        return streaming.ChangeStream(
+            dsn=self.pg.dsn, control=control, target=target, slot=self.res.slot, publication=self.res.publication,
+            states=target.table_states(), open_stream=open_stream or (lambda: receiving.Recorded(self.reads, self.upto)),
+            **kw,
+        )
+
+
+def _replay(pg: helpers.Source, tmp_path: Path, setup: str, tables: tuple[str, ...], changes: Iterable[str],
+            per_read: int) -> _Replay:
+    """Run ``setup``, sync ``tables``, then record ``changes`` (one transaction each)."""
+    pg.execute(setup)
+    live, path = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
+    res = helpers.sync_once(pg, live, *tables)
+    shutil.copy(live, path)
+    slot = f"s_rec_{tables[0]}"
+    pg.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    for sql in changes:
+        pg.execute(sql)
+    reads, upto = _record(pg, slot, res.publication, per_read)
+    return _Replay(pg, res, live, path, reads, upto)
+
+
 def test_a_recorded_stream_replays_into_the_copy(pg: helpers.Source, tmp_path: Path) -> None:
     """The apply takes its stream injected: changes recorded from a slot and played back land exactly."""
-    pg.execute("CREATE TABLE r (id int PRIMARY KEY, v text); INSERT INTO r SELECT g, 'v' || g FROM generate_series(1, 500) g")
-    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
-    res = helpers.sync_once(pg, live, "r")
-    shutil.copy(live, replayed)
-    pg.execute("SELECT pg_create_logical_replication_slot('s_rec', 'pgoutput')")
-    pg.execute("UPDATE r SET v = v || '!' WHERE id % 2 = 0; DELETE FROM r WHERE id % 5 = 0; "
-               "INSERT INTO r SELECT g, 'n' FROM generate_series(501, 700) g")
-    reads, upto = _record(pg, "s_rec", res.publication, 1000)
-    target = duckfile.DuckTarget(replayed)
+    rec = _replay(
+        pg, tmp_path, _table("r", 500, "'v' || g"),
+        ("r",), ["UPDATE r SET v = v || '!' WHERE id % 2 = 0; DELETE FROM r WHERE id % 5 = 0; "
+                 "INSERT INTO r SELECT g, 'n' FROM generate_series(501, 700) g"], 1000,
+    )
+    target = duckfile.DuckTarget(rec.path)
     started = time.monotonic()
     try:
         with psycopg.connect(pg.dsn, autocommit=True) as control:
-            stats = streaming.ChangeStream(
-                dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-                states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto), poll_seconds=30,
-            ).run(upto, threading.Event())
+            stats = rec.stream(target, control, poll_seconds=30).run(rec.upto, threading.Event())
     finally:
         target.close()
     assert time.monotonic() - started < 10
     assert stats.changes == 250 + 100 + 200
     assert stats.first_read_at is not None and stats.last_applied_at is not None
     assert started < stats.first_read_at <= stats.last_applied_at
-    assert helpers.assert_same(pg, replayed, "r") == 600
+    assert helpers.assert_same(pg, rec.path, "r") == 600
 
 
 class _Confirming(receiving.Recorded):
@@ -169,17 +220,12 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
 ) -> None:
     """A batch commits in a thread of its own while the loop reads on; its LSN reaches the slot
     only after its commit (a crash in between resends it, never loses it)."""
-    pg.execute("CREATE TABLE piped (id int PRIMARY KEY, v text);"
-               "INSERT INTO piped SELECT g, 'v' FROM generate_series(1, 3000) g")
-    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
-    res = helpers.sync_once(pg, live, "piped")
-    shutil.copy(live, replayed)
-    pg.execute("SELECT pg_create_logical_replication_slot('s_piped', 'pgoutput')")
-    for k in range(30):  # 30 transactions of 100 changes
-        pg.execute(f"UPDATE piped SET v = 'u{k}' WHERE id BETWEEN {k * 100 + 1} AND {k * 100 + 100}")
-    reads, upto = _record(pg, "s_piped", res.publication, 50)
+    rec = _replay(
+        pg, tmp_path, _table("piped", 3000),
+        ("piped",), _hundreds("piped", 30), 50,  # 30 transactions of 100 changes
+    )
     log: list[tuple[str, int]] = []
-    target = duckfile.DuckTarget(replayed)
+    target = duckfile.DuckTarget(rec.path)
     real_write, real_commit = target.write_checkpoint, target.commit
     written: list[int] = []
 
@@ -213,11 +259,10 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
     target.commit = commit  # type: ignore[method-assign]
     try:
         with psycopg.connect(pg.dsn, autocommit=True) as control:
-            stats = streaming.ChangeStream(
-                dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-                states=target.table_states(), open_stream=lambda: _Confirming(reads, upto, log), poll_seconds=0.05,
+            stats = rec.stream(
+                target, control, open_stream=lambda: _Confirming(rec.reads, rec.upto, log), poll_seconds=0.05,
                 batch_changes=300, max_batch_seconds=5,
-            ).run(upto, threading.Event())
+            ).run(rec.upto, threading.Event())
     finally:
         target.close()
     assert stats.changes == 3000 and stats.batches > 3
@@ -237,7 +282,7 @@ def test_batches_commit_while_the_next_is_folded_and_are_confirmed_after(
         committed += what == "committed"
         folded_while_committing |= what == "fold" and committed < handed
     assert folded_while_committing, log
-    assert helpers.assert_same(pg, replayed, "piped") == 3000
+    assert helpers.assert_same(pg, rec.path, "piped") == 3000
 
 
 def test_small_transactions_are_applied_in_the_commit_thread_large_ones_in_pieces(
@@ -246,16 +291,12 @@ def test_small_transactions_are_applied_in_the_commit_thread_large_ones_in_piece
     """A batch of small transactions that reaches batch_changes is applied by the committing thread
     (not in the loop just before its last Commit); a transaction of more than twice that is applied
     in pieces inside its still-open DuckDB transaction, and commits whole."""
-    pg.execute("CREATE TABLE pieces (id int PRIMARY KEY, v text);"
-               "INSERT INTO pieces SELECT g, 'v' FROM generate_series(1, 3000) g")
-    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
-    res = helpers.sync_once(pg, live, "pieces")
-    shutil.copy(live, replayed)
-    pg.execute("SELECT pg_create_logical_replication_slot('s_pieces', 'pgoutput')")
-    for k in range(9):  # 9 transactions of 100 changes: three batches of 300
-        pg.execute(f"UPDATE pieces SET v = 'u{k}' WHERE id BETWEEN {k * 100 + 1} AND {k * 100 + 100}")
-    pg.execute("UPDATE pieces SET v = 'big' WHERE id > 1000")  # one transaction of 2000 changes
-    reads, upto = _record(pg, "s_pieces", res.publication, 50)
+    rec = _replay(
+        pg, tmp_path, _table("pieces", 3000),
+        ("pieces",),
+        # 9 transactions of 100 changes (three batches of 300), then one transaction of 2000 changes
+        [*_hundreds("pieces", 9), "UPDATE pieces SET v = 'big' WHERE id > 1000"], 50,
+    )
     applied: list[tuple[str, int]] = []
     real_apply = applying.TableApplier.apply
 
@@ -264,14 +305,11 @@ def test_small_transactions_are_applied_in_the_commit_thread_large_ones_in_piece
         return real_apply(self, pending, has_unchanged)  # type: ignore[arg-type]
 
     monkeypatch.setattr(applying.TableApplier, "apply", apply)  # type: ignore[attr-defined]
-    target = duckfile.DuckTarget(replayed)
+    target = duckfile.DuckTarget(rec.path)
     try:
         with psycopg.connect(pg.dsn, autocommit=True) as control:
-            stats = streaming.ChangeStream(
-                dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-                states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto), poll_seconds=0.05,
-                batch_changes=300, max_batch_seconds=5,
-            ).run(upto, threading.Event())
+            stats = rec.stream(target, control, poll_seconds=0.05, batch_changes=300, max_batch_seconds=5).run(
+                rec.upto, threading.Event())
     finally:
         target.close()
     assert stats.changes == 2900
@@ -279,28 +317,14 @@ def test_small_transactions_are_applied_in_the_commit_thread_large_ones_in_piece
     assert in_loop and all(n == 600 for n in in_loop), applied  # only the large transaction, in pieces of 2 x 300
     assert sum(in_loop) < 2000
     assert sum(n for _, n in applied) == 2900 == stats.applied_rows
-    assert helpers.assert_same(pg, replayed, "pieces") == 3000
+    assert helpers.assert_same(pg, rec.path, "pieces") == 3000
 
 
 def test_a_failed_partial_commit_reports_its_own_error(pg: helpers.Source, tmp_path: Path) -> None:
     """A commit that fails mid-transaction (at a schema change) surfaces as itself, not as the
     rollback of a transaction that DuckDB already rolled back; a rerun applies everything."""
-    pg.execute("CREATE TABLE pc (id int PRIMARY KEY, v text); INSERT INTO pc SELECT g, 'v' FROM generate_series(1, 100) g")
-    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
-    res = helpers.sync_once(pg, live, "pc")
-    shutil.copy(live, replayed)
-    pg.execute("SELECT pg_create_logical_replication_slot('s_pc', 'pgoutput')")
-    pg.execute("BEGIN; UPDATE pc SET v = 'a' WHERE id <= 10; ALTER TABLE pc ADD COLUMN w int;"
-               "UPDATE pc SET w = 1 WHERE id <= 20; COMMIT")
-    reads, upto = _record(pg, "s_pc", res.publication, 50)
-
-    def stream(target: duckfile.DuckTarget, control: psycopg.Connection) -> streaming.ChangeStream:
-        return streaming.ChangeStream(
-            dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-            states=target.table_states(), open_stream=lambda: receiving.Recorded(reads, upto), poll_seconds=0.05,
-        )
-
-    target = duckfile.DuckTarget(replayed)
+    rec = _replay(pg, tmp_path, _table("pc", 100), ("pc",), [_SCHEMA_CHANGE_MID_TXN.format(t="pc")], 50)
+    target = duckfile.DuckTarget(rec.path)
     real_commit = target.commit
 
     def failing_commit() -> None:  # as DuckDB's own failed COMMIT: the transaction is gone
@@ -311,12 +335,12 @@ def test_a_failed_partial_commit_reports_its_own_error(pg: helpers.Source, tmp_p
     try:
         with psycopg.connect(pg.dsn, autocommit=True) as control:
             with pytest.raises(RuntimeError, match="commit refused"):
-                stream(target, control).run(upto, threading.Event())
+                rec.stream(target, control, poll_seconds=0.05).run(rec.upto, threading.Event())
             target.commit = real_commit  # type: ignore[method-assign]
-            stream(target, control).run(upto, threading.Event())
+            rec.stream(target, control, poll_seconds=0.05).run(rec.upto, threading.Event())
     finally:
         target.close()
-    assert helpers.assert_same(pg, replayed, "pc") == 100
+    assert helpers.assert_same(pg, rec.path, "pc") == 100
 
 
 def test_a_pin_before_a_partly_applied_transaction_is_missed_after_a_restart(
@@ -326,37 +350,26 @@ def test_a_pin_before_a_partly_applied_transaction_is_missed_after_a_restart(
     (a partial checkpoint).  After the restart, the copy holds part of that transaction, so a pin
     at or before its commit cannot be served: it is missed (and asked again), never served on a
     copy that is past it."""
-    pg.execute("CREATE TABLE pp (id int PRIMARY KEY, v text); INSERT INTO pp SELECT g, 'v' FROM generate_series(1, 100) g")
-    live, replayed = str(tmp_path / "live.duckdb"), str(tmp_path / "replayed.duckdb")
-    res = helpers.sync_once(pg, live, "pp")
-    shutil.copy(live, replayed)
-    pg.execute("SELECT pg_create_logical_replication_slot('s_pp', 'pgoutput')")
-    pg.execute("BEGIN; UPDATE pp SET v = 'a' WHERE id <= 10; ALTER TABLE pp ADD COLUMN w int;"
-               "UPDATE pp SET w = 1 WHERE id <= 20; COMMIT")
-    reads, upto = _record(pg, "s_pp", res.publication, 50)
-    msgs = [m for batch, _ in reads for m in batch]
+    rec = _replay(pg, tmp_path, _table("pp", 100), ("pp",), [_SCHEMA_CHANGE_MID_TXN.format(t="pp")], 50)
+    msgs = [m for batch, _ in rec.reads for m in batch]
     begin = next(pgoutput.decode(m) for m in msgs if m[:1] == b"B")
     assert isinstance(begin, pgoutput.Begin)
     final = begin.final_lsn
     without_commit = [(msgs[:-1], 0)]  # the transaction stops arriving before its Commit
-    target = duckfile.DuckTarget(replayed)
+    target = duckfile.DuckTarget(rec.path)
     monkeypatch.setattr(streaming, "STOP_GRACE_SECONDS", 0.2)
     try:
         with psycopg.connect(pg.dsn, autocommit=True) as control:
-            def stream(src: receiving.Recorded, pins: pinning.Pins | None = None) -> streaming.ChangeStream:
-                return streaming.ChangeStream(
-                    dsn=pg.dsn, control=control, target=target, slot=res.slot, publication=res.publication,
-                    states=target.table_states(), open_stream=lambda: src, poll_seconds=0.05, pins=pins,
-                )
-
             stopped = threading.Event()
             stopped.set()  # stop at once: the open transaction is left after the grace period
-            stream(receiving.Recorded(without_commit, 0)).run(None, stopped)
-            assert target.checkpoint(res.slot)[1] == final  # its first part is committed
+            cut = receiving.Recorded(without_commit, 0)
+            rec.stream(target, control, open_stream=lambda: cut, poll_seconds=0.05).run(None, stopped)
+            assert target.checkpoint(rec.res.slot)[1] == final  # its first part is committed
             pins = pinning.Pins()
             outcome: list[object] = []
             with pins.holding(5):  # the restarted writer waits before the transaction starts again
-                t = threading.Thread(target=lambda: stream(receiving.Recorded(reads, upto), pins).run(upto, threading.Event()))
+                restarted = rec.stream(target, control, poll_seconds=0.05, pins=pins)
+                t = threading.Thread(target=lambda: restarted.run(rec.upto, threading.Event()))
                 t.start()
                 assert pins.wait_serving(10)
                 pin = pins.post(final, lambda tgt: "served")
@@ -368,4 +381,4 @@ def test_a_pin_before_a_partly_applied_transaction_is_missed_after_a_restart(
     finally:
         target.close()
     assert isinstance(outcome[0], pinning.Missed), outcome
-    assert helpers.assert_same(pg, replayed, "pp") == 100
+    assert helpers.assert_same(pg, rec.path, "pp") == 100
