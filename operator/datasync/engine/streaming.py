@@ -206,8 +206,7 @@ class ChangeStream:
                             ap.delete(old)
                         batch_changes += 1
                         if len(ap.pending) >= self.piece_changes:
-                            self._duck()
-                            self.stats.applied_rows += ap.flush()
+                            self._flush_full()
                         continue
                     msg = pgoutput.decode(data)
                     if isinstance(msg, pgoutput.Begin):
@@ -323,10 +322,7 @@ class ChangeStream:
                         pins.close()
                     if self._txn_open:
                         self._txn_open = False
-                        try:
-                            self.target.rollback()  # only an unfinished transaction remains; it is resent
-                        except Exception:  # (a failed COMMIT has rolled back already) the first error is the one to report
-                            log.warning("rolling back the open DuckDB transaction failed", exc_info=True)
+                        self._rollback()  # only an unfinished transaction remains; it is resent
                 finally:
                     stream.close()  # whatever failed: the slot must not stay held by this process
                     self._stream = None
@@ -419,14 +415,19 @@ class ChangeStream:
             self.target.write_checkpoint(self.slot, lsn, commit_ts)
             self.target.commit()
         except BaseException:
-            try:
-                self.target.rollback()
-            except Exception:  # the first error is the one to report
-                log.debug("rollback after a failed batch failed", exc_info=True)
+            self._rollback()
             raise
         if self._stream is not None:
             self._stream.confirm(lsn)
         return rows, lsn, commit_ts, time.monotonic(), time.time()
+
+    def _rollback(self) -> None:
+        """Roll the target back after a failure; a rollback that fails too (a failed COMMIT has
+        rolled back already) is logged: the first error is the one to report."""
+        try:
+            self.target.rollback()
+        except Exception:
+            log.warning("rolling back the open DuckDB transaction failed", exc_info=True)
 
     def _settle(self, *, wait: bool) -> None:
         """Account for the batch in flight once committed (``wait``: wait for it); raises its error."""

@@ -241,7 +241,7 @@ def _drop_partial(duck: duckfile.DuckTarget, loading: identifiers.TableName) -> 
     """A failed snapshot leaves no half-loaded table in the user's schema (its state row stays:
     the next run snapshots the table anew)."""
     try:
-        duck.con.execute(f"DROP TABLE IF EXISTS {loading.sql}")
+        duck.drop_table(loading)
     except Exception:  # the snapshot's own error is the one to report
         log.warning("could not drop the partly loaded %s", loading, exc_info=True)
 

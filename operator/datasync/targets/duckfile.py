@@ -191,13 +191,16 @@ class DuckTarget:
     # -- user tables -------------------------------------------------------------
     def create_table(self, name: identifiers.TableName, columns: list[TargetColumn]) -> None:
         self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(name.schema)}")
-        self.con.execute(f"DROP TABLE IF EXISTS {name.sql}")
+        self.drop_table(name)
         cols = ", ".join(f"{quote(c.name)} {c.duck_type}" for c in columns)
         self.con.execute(f"CREATE TABLE {name.sql} ({cols})")
 
+    def drop_table(self, name: identifiers.TableName) -> None:
+        self.con.execute(f"DROP TABLE IF EXISTS {name.sql}")
+
     def replace_table(self, name: identifiers.TableName, loading: identifiers.TableName) -> None:
         """Put the fully loaded ``loading`` table in place of ``name`` (same schema)."""
-        self.con.execute(f"DROP TABLE IF EXISTS {name.sql}")
+        self.drop_table(name)
         self.con.execute(f"ALTER TABLE {loading.sql} RENAME TO {quote(name.name)}")
 
     def count(self, name: identifiers.TableName) -> int:
