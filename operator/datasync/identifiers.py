@@ -11,6 +11,9 @@ import dataclasses
 
 from datasync import errors
 
+# the schema DataSync keeps its own state in, within a target (no source schema may take it)
+META_SCHEMA = "_datasync"
+
 
 def quote(name: str) -> str:
     """Quote an identifier for PostgreSQL and DuckDB (same rules)."""

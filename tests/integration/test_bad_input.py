@@ -211,10 +211,10 @@ def test_other_values_duckdb_cannot_hold_stop_with_a_clear_error(
 
 
 def test_a_source_schema_named_like_datasyncs_own_is_refused(pg: helpers.Source, duck_path: str) -> None:
-    from datasync.sources import checking
+    from datasync import identifiers
     from datasync.targets import duckfile
 
-    assert checking.TARGET_META_SCHEMA == duckfile.META
+    assert identifiers.META_SCHEMA == duckfile.META  # the name the checks refuse is the target's own
     pg.execute('CREATE SCHEMA "_DataSync"; CREATE TABLE "_DataSync".tables (id int PRIMARY KEY)')
     code, err = _sync(pg.dsn, duck_path, '"_DataSync".tables')
     err = " ".join(err.split())  # (the CLI wraps its lines)

@@ -12,7 +12,6 @@ from datasync import errors, identifiers
 from datasync.sources import catalog, connecting, replication
 
 MIN_SERVER_VERSION = 140000
-TARGET_META_SCHEMA = "_datasync"  # the target's own schema (datasync.targets.duckfile.META)
 ACTIVE_SLOT_WAIT_SECONDS = 5.0  # a slot still held this long after the checks start is another sync's
 
 
@@ -49,9 +48,9 @@ def check_server(conn: connecting.Connection) -> None:
 
 def check_tables(conn: connecting.Connection, names: list[identifiers.TableName]) -> list[catalog.Table]:
     for name in names:
-        if name.schema.lower() == TARGET_META_SCHEMA:  # (DuckDB's names ignore case)
+        if name.schema.lower() == identifiers.META_SCHEMA:  # (DuckDB's names ignore case)
             raise errors.SourceError(
-                f"table {name} is in a schema named like {TARGET_META_SCHEMA}, where DataSync keeps its own state "
+                f"table {name} is in a schema named like {identifiers.META_SCHEMA}, where DataSync keeps its own state "
                 "in the target",
                 "rename the source schema: the copy keeps PostgreSQL's schema names",
             )

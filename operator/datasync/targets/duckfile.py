@@ -22,7 +22,7 @@ import duckdb
 from datasync import errors, identifiers
 from datasync.identifiers import quote
 
-META = "_datasync"
+META = identifiers.META_SCHEMA
 # The WAL size at which DuckDB checkpoints inside a commit: a quarter of the memory limit,
 # from 16 MB (DuckDB's default) to 256 MB.  At 16 MB a CDC commit every few hundred
 # thousand changes stalled for the checkpoint (measured: a commit of 2.7k changes took
