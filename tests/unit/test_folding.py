@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import struct
 from typing import Any
@@ -58,6 +59,16 @@ def test_folds_runs_of_changes_as_the_applier_does(fold: Any) -> None:
     assert rows(composite) == {("y", "x"): (1, None), ("q", "p"): (0, ["p", "q", None])}
     assert pending["1"][applying.VALUES] is msgs[2]  # the message itself, not a copy of its values
     assert fold(msgs, 8, tables, 1000) == (8, 0)  # not a change: left to the loop
+
+
+def test_c_fold_keeps_its_entries_out_of_the_cyclic_collector() -> None:
+    """A batch holds ~100k folded entries; tracked, every collection of the loop visited them all."""
+    pending: dict[Any, Any] = {}
+    composite: dict[Any, Any] = {}
+    tables = {5: (pending, (0,)), 6: (composite, (1, 0))}
+    assert _speedups.fold_changes([ins(5, "1", "a"), ins(6, "x", "y")], 0, tables, 1000) == (2, 2)
+    ((key, entry),) = composite.items()
+    assert not gc.is_tracked(pending["1"]) and not gc.is_tracked(entry) and not gc.is_tracked(key)
 
 
 @pytest.mark.parametrize("fold", FOLDS)

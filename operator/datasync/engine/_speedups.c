@@ -185,6 +185,7 @@ static int scan_key(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *at, co
     } else {
         if (!(*key = PyTuple_New(nk))) goto out;
         for (Py_ssize_t j = 0; j < nk; j++) { PyTuple_SET_ITEM(*key, j, kv[j]); kv[j] = NULL; }
+        PyObject_GC_UnTrack(*key);  /* strings only: no cycle through it (see fold_one) */
     }
     rc = 0;
 out:
@@ -249,6 +250,9 @@ static int fold_one(PyObject *msg, PyObject *tables, Py_ssize_t limit, int *full
         }
         if (!(offset = PyLong_FromSsize_t(values_at))) goto out;
         if (!(entry = PyTuple_Pack(4, ZERO, msg, Py_None, offset))) goto out;
+        /* ints, bytes and None: no cycle can pass through the entry, and a batch holds
+         * ~100k of them; tracked, the loop's collector visited every one (~4% of CDC CPU) */
+        PyObject_GC_UnTrack(entry);
     }
     if (PyDict_SetItem(pending, key, entry) < 0) goto out;
     *full = PyDict_GET_SIZE(pending) >= limit;
