@@ -88,3 +88,19 @@ def k8s_cluster(k8s_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="module")
+def installed(k8s_cluster: ControlPlane) -> ControlPlane:
+    """CRDs, kopf's peering resources, the operator's namespace and RBAC, applied like the docs say."""
+    cp = k8s_cluster
+    cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/operator/kopf-peering-crds.yaml"))
+    for crd in ("syncpolicies", "synctables", "consistencychecks"):
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}.datasync.dev", "--timeout=60s")
+    for crd in ("clusterkopfpeerings", "kopfpeerings"):
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kopf.dev", "--timeout=60s")
+    cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/operator/namespace.yaml"))
+    cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/operator/peering.yaml"))
+    cp.kubectl("apply", "--server-side", "-k", str(REPO / "manifests/rbac"))
+    return cp

@@ -120,6 +120,11 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
     else:
         try:
             with policy_lock(namespace, name), sources.connect(client, policy) as conn:
+                # listed again under the lock: the finalizer of the last table may have dropped slot
+                # and publication while this waited, and a list read before would create them again
+                # (a slot nothing reads, retaining WAL until the policy goes)
+                tables = live_tables(client, namespace, name)
+                status["tables"] = len(tables)
                 updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
                 if tables:
                     ensure_replication(conn, policy)

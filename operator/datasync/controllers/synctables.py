@@ -110,8 +110,11 @@ def release(client: kube.Kube, policy: SyncPolicy, table: SyncTable) -> bool:
     """Remove the table from the publication; drop slot and publication with the last table. True: slot dropped."""
     namespace, policy_name = policy.metadata.namespace or "", policy.metadata.name or ""
     source = source_table(table)
-    others = [t for t in syncpolicies.live_tables(client, namespace, policy_name) if t["metadata"]["name"] != table.metadata.name]
     with syncpolicies.policy_lock(namespace, policy_name), sources.connect(client, policy) as conn:
+        # listed under the lock: a table admitted meanwhile must keep its slot and publication
+        others = [
+            t for t in syncpolicies.live_tables(client, namespace, policy_name) if t["metadata"]["name"] != table.metadata.name
+        ]
         publication = naming.publication_name(policy)
         if source in (replication.publication_tables(conn, publication) or set()):
             replication.drop_tables(conn, publication, [source])

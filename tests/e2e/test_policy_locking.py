@@ -1,0 +1,98 @@
+"""Handlers of one policy that meet at its lock, run against a real apiserver and PostgreSQL.
+
+The timer's reconcile, the SyncTable finalizers and admission all take the policy's lock.
+Whatever they decide from the list of tables must come from a list read under that lock.
+Otherwise a reconcile that waited while the last table's finalizer dropped slot and
+publication creates both again. Nothing would read that slot, and it would retain WAL on
+the source until the policy is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from datasync import kube
+from datasync.controllers import naming, syncpolicies
+from datasync.sources.embedded import EmbeddedPostgres
+from tests.e2e.cluster import ControlPlane
+
+NS = "ds-e2e-locking"
+API = "datasync.dev/v1alpha1"
+
+
+@pytest.fixture
+def source() -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres()
+    server.start()
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        yield server
+    finally:
+        server.cleanup()
+
+
+def _apply(cp: ControlPlane, doc: dict[str, Any]) -> None:
+    cp.kubectl("apply", "-f", "-", input=json.dumps(doc))
+
+
+def _slots_and_publications(dsn: str) -> tuple[list[str], list[str]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        slots = [r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots ORDER BY 1")]
+        pubs = [r[0] for r in conn.execute("SELECT pubname FROM pg_publication ORDER BY 1")]
+    return slots, pubs
+
+
+def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate_the_slot(
+    installed: ControlPlane, source: EmbeddedPostgres
+) -> None:
+    cp = installed
+    dsn = source.dsn()
+    cp.kubectl("create", "namespace", NS)
+    try:
+        cp.kubectl("create", "secret", "generic", "src", "-n", NS, f"--from-literal=dsn={dsn}")
+        _apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": NS},
+                    "spec": {"source": {"secretRef": {"name": "src", "key": "dsn"}},
+                             "target": {"type": "duckdb", "duckdb": {"path": "/data/p.duckdb"}}}})  # fmt: skip
+        # the operator's finalizer, as admission leaves it: no operator runs here to remove it
+        _apply(cp, {"apiVersion": API, "kind": "SyncTable",
+                    "metadata": {"name": "items", "namespace": NS, "finalizers": ["datasync.dev/finalizer"]},
+                    "spec": {"policyRef": {"name": "p"}, "source": {"table": "items"}}})  # fmt: skip
+        configuration = k8s_client.Configuration()
+        k8s_config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        client = kube.Kube(k8s_client.ApiClient(configuration))
+        body = client.get(kube.path(API, "syncpolicies", NS, "p"))
+        assert body is not None
+        policy = syncpolicies.parse(body)
+        slot, publication = naming.slot_name(policy), naming.publication_name(policy)
+        assert syncpolicies.reconcile(client, body)["tables"] == 1  # creates slot and publication
+        assert _slots_and_publications(dsn) == ([slot], [publication])
+
+        results: list[dict[str, Any]] = []
+        with syncpolicies.policy_lock(NS, "p"):  # held as the last table's finalizer holds it
+            timer = threading.Thread(target=lambda: results.append(syncpolicies.reconcile(client, body)))
+            timer.start()
+            time.sleep(1.0)  # the reconcile reads what it reads before the lock, then waits for it
+            assert timer.is_alive()
+            # meanwhile the table is deleted and its finalizer drops slot and publication
+            cp.kubectl("delete", "synctable", "items", "-n", NS, "--wait=false")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                conn.execute(f'DROP PUBLICATION "{publication}"')
+        timer.join(timeout=60)
+        assert not timer.is_alive()
+        assert results and results[0]["tables"] == 0
+        assert _slots_and_publications(dsn) == ([], [])  # the slot stays dropped
+    finally:
+        cp.kubectl("patch", "synctable", "items", "-n", NS, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                   check=False)  # fmt: skip
+        cp.kubectl("delete", "namespace", NS, "--wait=false", check=False)
