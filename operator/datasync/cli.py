@@ -256,8 +256,17 @@ def operator() -> None:
     DATASYNC_RESYNC_SECONDS, DATASYNC_PEERING, DATASYNC_STANDALONE, DATASYNC_HEALTH_ADDRESS
     (see datasync.controllers.config).
     """
+    import kopf
+
     from datasync.controllers import config, operating
 
+    # kopf's handler with its object prefix ("[namespace/name] Handler 'on_change' failed ..."):
+    # without it, a log of many policies and tables does not say which one a message is about
+    root = logging.getLogger()
+    level = root.level
+    root.handlers.clear()  # basicConfig's: kopf's replaces it
+    kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
+    root.setLevel(level)  # --log-level, not kopf's default
     operating.run(config.Settings.from_environment())
 
 

@@ -157,22 +157,6 @@ def replica_level_postgres() -> Iterator[EmbeddedPostgres]:
         server.cleanup()
 
 
-@pytest.fixture(scope="module")
-def installed(k8s_cluster: ControlPlane) -> ControlPlane:
-    """CRDs, kopf's peering resources, the operator's namespace and RBAC, applied like the docs say."""
-    cp = k8s_cluster
-    cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/operator/kopf-peering-crds.yaml"))
-    for crd in ("syncpolicies", "synctables", "consistencychecks"):
-        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}.datasync.dev", "--timeout=60s")
-    for crd in ("clusterkopfpeerings", "kopfpeerings"):
-        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kopf.dev", "--timeout=60s")
-    cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/operator/namespace.yaml"))
-    cp.kubectl("apply", "--server-side", "-f", str(REPO / "manifests/operator/peering.yaml"))
-    cp.kubectl("apply", "--server-side", "-k", str(REPO / "manifests/rbac"))
-    return cp
-
-
 class Operator:
     def __init__(self, cp: ControlPlane, workdir: Path) -> None:
         self.cp, self.workdir = cp, workdir
@@ -211,6 +195,10 @@ class Operator:
 
     def logs(self) -> str:
         return self.proc.tail() if self.proc else ""
+
+    def full_log(self) -> str:
+        """The whole log of the running operator process (``logs``: its tail)."""
+        return self.proc.log.read_text(errors="replace") if self.proc and self.proc.log.exists() else ""
 
     def stop(self) -> int:
         return self.proc.stop() if self.proc else 0
@@ -510,6 +498,11 @@ def test_operator_end_to_end(
     assert "authentication failed" in reasons["wrong-password"]["message"]
     assert reasons["no-logical"]["reason"] == "SourceCheckFailed"
     assert "wal_level" in reasons["no-logical"]["message"]
+    # the operator's log names the object a message is about, and never holds the password
+    wait_for("the operator's log naming the failing table",
+             lambda: f"[{BAD_NS}/wrong-password-orders] Handler 'on_change' failed temporarily: authentication failed"
+             in operator.full_log(), timeout=30, logs=logs)  # fmt: skip
+    assert "not-the-password-xyz" not in operator.full_log()
     bad_out = cp.kubectl("get", "syncpolicies,synctables,events,deployments", "-n", BAD_NS, "-o", "json").stdout
     assert "not-the-password-xyz" not in bad_out and replica_level_postgres.password not in bad_out
     assert get(cp, "deployment", "datasync-wrong-password", BAD_NS) is None  # nothing rendered for a broken source
@@ -577,6 +570,10 @@ def test_operator_end_to_end(
 
     # ---- deleting the policy: the garbage collector removes what it owned
     cp.kubectl("delete", "syncpolicy", "shop", "-n", NS, "--wait=false")
+    def still_there(kind: str, name: str) -> str:  # what holds it (finalizers, owners), for a failure
+        return f"{logs()}\n--- {kind} {name}, metadata: {json.dumps((get(cp, kind, name) or {}).get('metadata'))}"
+
     for kind, name in (("syncpolicy", "shop"), ("deployment", "datasync-shop"), ("role", "datasync-shop")):
-        wait_for(f"{kind} {name} gone (garbage collector)", lambda k=kind, n=name: get(cp, k, n) is None, timeout=60, logs=logs)  # type: ignore[misc]
+        wait_for(f"{kind} {name} gone (garbage collector)", lambda k=kind, n=name: get(cp, k, n) is None,  # type: ignore[misc]
+                 timeout=60, logs=lambda k=kind, n=name: still_there(k, n))  # type: ignore[misc]
     assert operator.proc is not None and operator.proc.alive()
