@@ -159,7 +159,13 @@ class SyncTableSpec(ApiModel):
     consistency_level: ConsistencyLevel | None = Field(
         default=None, description=f"Overrides the policy's default consistency level for dual-writes. {CONSISTENCY_HELP}"
     )
-    batch_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Overrides the policy's default batch size.")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Overrides the policy's default batch size. One writer streams all of a policy's tables, "
+        "so the smallest batchSize among them applies to all.",
+    )
     reclaim_policy: Literal["retain", "delete"] = Field(
         default="retain",
         description="What happens to the target table when this SyncTable is deleted: retain keeps it, delete drops it.",

@@ -228,7 +228,7 @@ class Worker:
             follow=True,
             slot=naming.slot_name(policy),
             publication=naming.publication_name(policy),
-            batch_changes=policy.spec.defaults.batch_size,
+            batch_changes=tables.batch_changes(policy.spec.defaults.batch_size, runnable),
             max_batch_seconds=policy.spec.defaults.max_batch_seconds,
             memory_limit=policy.spec.target.duckdb_settings().memory_limit or "1GB",
             pins=self.pins,

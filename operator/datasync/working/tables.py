@@ -28,6 +28,7 @@ class Wanted:
     deleting: bool
     unsupported: str | None
     status: dict[str, Any]
+    batch_size: int | None = None  # the table's own spec.batchSize, if any
 
     @property
     def key(self) -> tuple[str, int]:
@@ -68,4 +69,16 @@ def wanted(obj: dict[str, Any]) -> Wanted:
         deleting=bool(obj["metadata"].get("deletionTimestamp")),
         unsupported=unsupported(table),
         status=dict(obj.get("status") or {}),
+        batch_size=table.spec.batch_size,
     )
+
+
+def batch_changes(default: int, runnable: list[Wanted]) -> int:
+    """The batch size of the writer's one change stream: the smallest any of its tables asks for.
+
+    Each table asks for its own ``batchSize``, else the policy's ``default``. One stream
+    applies all of a policy's tables, in batches that span them (a transaction may touch
+    several), so a table cannot have batches of its own: one that asks for smaller ones gets
+    them, and so do the others (no table gets batches larger than it asked for).
+    """
+    return min((default if w.batch_size is None else w.batch_size for w in runnable), default=default)
