@@ -347,7 +347,7 @@ def test_apiserver_defaults_equal_model_defaults(crds: ControlPlane, examples_ns
     assert stored["spec"]["defaults"] == {
         "strategy": "hybrid",
         "consistencyLevel": "eventual",
-        "batchSize": 10000,
+        "batchSize": 50000,
         "maxBatchSeconds": 1.0,
     }
 

@@ -198,7 +198,7 @@ def test_defaults_in_the_crd_are_the_model_defaults() -> None:
     model = SyncPolicySpec.model_validate({"source": {"secretRef": {"name": "pg"}}}).model_dump(mode="json", exclude_none=True)
     for section in ("defaults", "workers", "breaker", "retry", "alerts", "dualWrite", "deadLetterQueue", "target"):
         assert spec["properties"][section]["default"] == model[section], section
-    assert model["defaults"] == {"strategy": "hybrid", "consistencyLevel": "eventual", "batchSize": 10000, "maxBatchSeconds": 1.0}
+    assert model["defaults"] == {"strategy": "hybrid", "consistencyLevel": "eventual", "batchSize": 50000, "maxBatchSeconds": 1.0}
     table = crd_docs()["SyncTable"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert (table["mode"]["default"], table["deletes"]["default"], table["reclaimPolicy"]["default"]) == (
         "cdc",
