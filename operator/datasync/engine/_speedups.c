@@ -250,8 +250,9 @@ static int fold_one(PyObject *msg, PyObject *tables, Py_ssize_t limit, int *full
         }
         if (!(offset = PyLong_FromSsize_t(values_at))) goto out;
         if (!(entry = PyTuple_Pack(4, ZERO, msg, Py_None, offset))) goto out;
-        /* ints, bytes and None: no cycle can pass through the entry, and a batch holds
-         * ~100k of them; tracked, the loop's collector visited every one (~4% of CDC CPU) */
+        /* ints, bytes and None: no cycle can pass through the entry, and a batch holds tens of
+         * thousands; tracked, the loop's collections visited every one (measured on 270k
+         * changes: 31 ms of collection, 14 ms with the entries untracked) */
         PyObject_GC_UnTrack(entry);
     }
     if (PyDict_SetItem(pending, key, entry) < 0) goto out;
