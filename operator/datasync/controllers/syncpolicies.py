@@ -105,46 +105,46 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
     generation = policy.metadata.generation
     current = dict(body.get("status") or {})
     slot, publication = naming.slot_name(policy), naming.publication_name(policy)
-    tables = live_tables(client, namespace, name)
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "tables": len(tables),
+        "tables": 0,  # (listed under the policy's lock, below)
         "workers": 0,  # worker pods requested: the writer once rendered (batch workers: later)
         "publicationName": publication,
         "slotName": slot,
     }
     updates: list[tuple[str, Any, str, str]] = []
     problem: tuple[str, str] | None = None
-    if policy.spec.target.type != "duckdb":
-        problem = ("Unsupported", "ducklake targets are not implemented yet; use target.type duckdb")
-    else:
-        try:
-            with policy_lock(namespace, name), sources.connect(client, policy) as conn:
-                # listed again under the lock: the finalizer of the last table may have dropped slot
-                # and publication while this waited, and a list read before would create them again
-                # (a slot nothing reads, retaining WAL until the policy goes)
-                tables = live_tables(client, namespace, name)
-                status["tables"] = len(tables)
+    with policy_lock(namespace, name):
+        # the tables are listed under the lock: the finalizer of the last table may have dropped
+        # slot and publication while this waited, and a list read before would create them again
+        # (a slot nothing reads, retaining WAL until the policy goes)
+        tables = live_tables(client, namespace, name)
+        status["tables"] = len(tables)
+        if policy.spec.target.type != "duckdb":
+            problem = ("Unsupported", "ducklake targets are not implemented yet; use target.type duckdb")
+        else:
+            try:
+                with sources.connect(client, policy) as conn:
+                    updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
+                    if tables:
+                        ensure_replication(conn, policy)
+                        lag, confirmed = slot_figures(conn, slot)
+                        status["slotLagBytes"] = lag
+                        status["confirmedLsn"] = confirmed
+                        updates.append((SLOT_READY, "True", "Created", f"publication {publication} and slot {slot} exist"))
+                    else:
+                        checking.check_server(conn)
+                        status["slotLagBytes"] = None
+                        updates.append((SLOT_READY, "False", "NoTables", "the slot is created with the first SyncTable"))
+            except sources.SourceProblem as exc:
+                problem = (exc.reason, exc.message)
+                updates.append((SOURCE_CONNECTED, "False", exc.reason, exc.message))
+            except errors.SourceError as exc:
+                problem = ("SourceCheckFailed", sources.describe(exc))
                 updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
-                if tables:
-                    ensure_replication(conn, policy)
-                    lag, confirmed = slot_figures(conn, slot)
-                    status["slotLagBytes"] = lag
-                    status["confirmedLsn"] = confirmed
-                    updates.append((SLOT_READY, "True", "Created", f"publication {publication} and slot {slot} exist"))
-                else:
-                    checking.check_server(conn)
-                    status["slotLagBytes"] = None
-                    updates.append((SLOT_READY, "False", "NoTables", "the slot is created with the first SyncTable"))
-        except sources.SourceProblem as exc:
-            problem = (exc.reason, exc.message)
-            updates.append((SOURCE_CONNECTED, "False", exc.reason, exc.message))
-        except errors.SourceError as exc:
-            problem = ("SourceCheckFailed", sources.describe(exc))
-            updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
-            updates.append((SLOT_READY, "False", "SourceCheckFailed", sources.describe(exc)))
-        except psycopg2.Error as exc:
-            problem = ("SourceError", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                updates.append((SLOT_READY, "False", "SourceCheckFailed", sources.describe(exc)))
+            except psycopg2.Error as exc:
+                problem = ("SourceError", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     if problem is None:
         try:
             for obj in rendering.owned_objects(policy, config.current.worker_image):
