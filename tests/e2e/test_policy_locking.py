@@ -9,7 +9,6 @@ the source until the policy is deleted.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from datasync import kube
 from datasync.controllers import naming, syncpolicies
 from datasync.sources.embedded import EmbeddedPostgres
 from tests.e2e.cluster import ControlPlane
+from tests.e2e.test_operator import apply, publication_tables, slots
 
 NS = "ds-e2e-locking"
 API = "datasync.dev/v1alpha1"
@@ -41,17 +41,6 @@ def source() -> Iterator[EmbeddedPostgres]:
         server.cleanup()
 
 
-def _apply(cp: ControlPlane, doc: dict[str, Any]) -> None:
-    cp.kubectl("apply", "-f", "-", input=json.dumps(doc))
-
-
-def _slots_and_publications(dsn: str) -> tuple[list[str], list[str]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        slots = [r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots ORDER BY 1")]
-        pubs = [r[0] for r in conn.execute("SELECT pubname FROM pg_publication ORDER BY 1")]
-    return slots, pubs
-
-
 def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate_the_slot(
     installed: ControlPlane, source: EmbeddedPostgres
 ) -> None:
@@ -60,11 +49,11 @@ def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate
     cp.kubectl("create", "namespace", NS)
     try:
         cp.kubectl("create", "secret", "generic", "src", "-n", NS, f"--from-literal=dsn={dsn}")
-        _apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": NS},
+        apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": NS},
                     "spec": {"source": {"secretRef": {"name": "src", "key": "dsn"}},
                              "target": {"type": "duckdb", "duckdb": {"path": "/data/p.duckdb"}}}})  # fmt: skip
         # the operator's finalizer, as admission leaves it: no operator runs here to remove it
-        _apply(cp, {"apiVersion": API, "kind": "SyncTable",
+        apply(cp, {"apiVersion": API, "kind": "SyncTable",
                     "metadata": {"name": "items", "namespace": NS, "finalizers": ["datasync.dev/finalizer"]},
                     "spec": {"policyRef": {"name": "p"}, "source": {"table": "items"}}})  # fmt: skip
         configuration = k8s_client.Configuration()
@@ -75,7 +64,7 @@ def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate
         policy = syncpolicies.parse(body)
         slot, publication = naming.slot_name(policy), naming.publication_name(policy)
         assert syncpolicies.reconcile(client, body)["tables"] == 1  # creates slot and publication
-        assert _slots_and_publications(dsn) == ([slot], [publication])
+        assert slots(dsn) == [slot] and publication_tables(dsn, publication) == []
 
         results: list[dict[str, Any]] = []
         with syncpolicies.policy_lock(NS, "p"):  # held as the last table's finalizer holds it
@@ -91,7 +80,7 @@ def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate
         timer.join(timeout=60)
         assert not timer.is_alive()
         assert results and results[0]["tables"] == 0
-        assert _slots_and_publications(dsn) == ([], [])  # the slot stays dropped
+        assert slots(dsn) == [] and publication_tables(dsn, publication) is None  # the slot stays dropped
     finally:
         cp.kubectl("patch", "synctable", "items", "-n", NS, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
                    check=False)  # fmt: skip
