@@ -1,3 +1,3 @@
-from datasync.cli import main
+from datasync.cli import run
 
-main()
+run()

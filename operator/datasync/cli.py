@@ -8,6 +8,7 @@ with its hint, exit status non-zero.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -306,5 +307,21 @@ def worker(policy: str, namespace: str) -> None:
     sys.exit(code)
 
 
+def run() -> None:
+    """The ``datasync`` command: :func:`main`, then a prompt exit.
+
+    Python's shutdown runs the cyclic garbage collector over the whole heap
+    (the modules of DuckDB, pyarrow and the engine) while it tears the modules
+    down.  Measured on a ``sync --once`` run that has closed everything already:
+    its exit took 50 ms, 18 ms with the heap frozen first (medians of 6).  The
+    process is ending: nothing is lost by not collecting.  (Not in :func:`main`:
+    tests invoke that in their own process.)
+    """
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    run()
