@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import duckdb
 import psycopg
+import pytest
 
 from datasync.engine import pgoutput
+from datasync.sources import receiving
 from tests import helpers
 
 
@@ -364,3 +368,33 @@ def test_an_inheritance_parent_is_published_alone(pg: helpers.Source, duck_path:
     con = duckdb.connect(duck_path, read_only=True)
     assert con.execute("SELECT id, v FROM public.parent ORDER BY id").fetchall() == [(1, "p"), (3, "p3")]
     con.close()
+
+
+def test_a_once_run_opens_no_stream_when_its_slot_is_past_the_end(
+    pg: helpers.Source, duck_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot made by the run itself starts past the run's end (its tables' snapshots hold
+    everything before): no walsender is started only to say so.  The next run receives what
+    was committed meanwhile."""
+    pg.execute("CREATE TABLE quiet (id int PRIMARY KEY, v text); "
+               "INSERT INTO quiet SELECT g, 'v' FROM generate_series(1, 50) g")
+    opened: list[tuple[Any, ...]] = []
+    real = receiving.Stream
+
+    def counting(*args: Any) -> receiving.Stream:
+        opened.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(receiving, "Stream", counting)
+    first = helpers.sync_once(pg, duck_path, "quiet")
+    assert opened == []
+    slot_lsn = pgoutput.parse_lsn(pg.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots")[0][0])
+    assert first.stats.confirmed_lsn == slot_lsn
+    assert first.stats.changes == 0
+    assert helpers.assert_same(pg, duck_path, "quiet") == 50
+
+    pg.execute("UPDATE quiet SET v = 'w' WHERE id <= 10; DELETE FROM quiet WHERE id > 45")
+    second = helpers.sync_once(pg, duck_path, "quiet")
+    assert len(opened) == 1
+    assert second.stats.changes == 15
+    assert helpers.assert_same(pg, duck_path, "quiet") == 45

@@ -264,8 +264,9 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             todo = [t for t in tables if t.name not in states or states[t.name].state != "streaming"]
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
-            created = ensure_replication(control, publication, slot, tables)
+            # before the slot is made: a new slot then starts past it (see _slot_past)
             until = replication.wait_flushed(control)
+            created = ensure_replication(control, publication, slot, tables)
             try:
                 snapshotted = {t.name: snapshot(opts, t, target, slot, reporter) for t in todo}
             except BaseException:
@@ -276,33 +277,51 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
 
             duck = target.get()
             backoff = 0.5
-            while True:
-                stream = streaming.ChangeStream(
-                    dsn=opts.source, control=control, target=duck, slot=slot, publication=publication,
-                    states=duck.table_states(), batch_changes=opts.batch_changes,
-                    max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
-                    on_batch=reporter.batch, pins=opts.pins,
-                )
-                try:
-                    stats = stream.run(None if opts.follow else until, stop)
-                    break
-                except (psycopg2.OperationalError, errors.SourceError) as exc:
-                    # --follow rides out source restarts and network blips: the stream
-                    # resumes from the target's checkpoint, nothing is lost or repeated
-                    if not opts.follow or stop.is_set():
-                        raise
-                    log.warning("source connection lost (%s); reconnecting in %.1fs", str(exc).strip(), backoff)
-                    if stop.wait(backoff):
-                        stats = stream.stats
+            past = None if opts.follow else _slot_past(control, slot, until)
+            if past is not None:  # nothing to receive: no stream opened
+                applied = duck.checkpoint(slot)[0]
+                stats = streaming.Stats(applied_lsn=applied, confirmed_lsn=max(applied, past))
+            else:
+                while True:
+                    stream = streaming.ChangeStream(
+                        dsn=opts.source, control=control, target=duck, slot=slot, publication=publication,
+                        states=duck.table_states(), batch_changes=opts.batch_changes,
+                        max_batch_seconds=opts.max_batch_seconds, poll_seconds=opts.poll_seconds,
+                        on_batch=reporter.batch, pins=opts.pins,
+                    )
+                    try:
+                        stats = stream.run(None if opts.follow else until, stop)
                         break
-                    backoff = min(backoff * 2, 30.0)
-                    control = _reconnect(opts.source, control, stop)
+                    except (psycopg2.OperationalError, errors.SourceError) as exc:
+                        # --follow rides out source restarts and network blips: the stream
+                        # resumes from the target's checkpoint, nothing is lost or repeated
+                        if not opts.follow or stop.is_set():
+                            raise
+                        log.warning("source connection lost (%s); reconnecting in %.1fs", str(exc).strip(), backoff)
+                        if stop.wait(backoff):
+                            stats = stream.stats
+                            break
+                        backoff = min(backoff * 2, 30.0)
+                        control = _reconnect(opts.source, control, stop)
             rows = {n: duck.count(st.target) for n, st in duck.table_states().items()}
             return Result(slot, publication, snapshotted, stats, rows)
         finally:
             target.close()
     finally:
         control.close()
+
+
+def _slot_past(control: connecting.Connection, slot: str, until: int) -> int | None:
+    """The slot's position, if it is at ``until`` or past it already; else None.
+
+    A ``--once`` run streams up to ``until``, and a slot past it has nothing to
+    send: a slot made by this very run (it starts after ``until``, and its
+    tables' snapshots hold everything before), or no WAL written since the last
+    run.  Opening the stream would start a walsender only to learn that (~30 ms
+    on loopback, and a decoding process on the source).
+    """
+    info = replication.slot_info(control, slot)
+    return info.confirmed_flush if info is not None and info.confirmed_flush >= until else None
 
 
 def _reconnect(dsn: str, old: connecting.Connection, stop: threading.Event) -> connecting.Connection:
