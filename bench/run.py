@@ -119,6 +119,9 @@ def snapshot_bench(dsn: str, work: str, rows: int, results: Table) -> None:
             "-" if types is None else f"n={types['n']}, j={types['j']}",
             "-" if ok is None else ("✓" if ok else "✗ (differs)"),
         )
+    # the machine drifts between runs: each round's two runs are seconds apart, so their ratio is the steadier one
+    results.add_row(f"{rows / 1e6:.0f}M", f"  (per round, median of {ROUNDS})", "-", "-", "-",
+                    f"{statistics.median(ratios):.2f}", "-", "-")
     for p in (ours_path, scan_path):
         os.remove(p)
 
