@@ -220,3 +220,29 @@ def test_a_source_schema_named_like_datasyncs_own_is_refused(pg: helpers.Source,
     err = " ".join(err.split())  # (the CLI wraps its lines)
     assert code == 2 and "where DataSync keeps its own state" in err and "rename the source schema" in err, err
     _nothing_left(pg)
+
+
+def test_an_invalidated_slot_says_what_to_do_and_doing_it_recovers(tmp_path: Path) -> None:
+    """max_slot_wal_keep_size let PostgreSQL remove WAL the slot still needed: the run stops with
+    the slot named and the fix; after dropping the slot as told, the next run copies the table
+    anew and the copy is exact (the changes in the removed WAL included)."""
+    with EmbeddedPostgres(settings={"max_slot_wal_keep_size": "1MB"}) as server:
+        src = helpers.Source(server, "postgres")
+        target = str(tmp_path / "kept.duckdb")
+        src.execute("CREATE TABLE kept (id int PRIMARY KEY, v text);"
+                    "INSERT INTO kept SELECT g, 'v' FROM generate_series(1, 100) g")
+        slot = helpers.sync_once(src, target, "kept").slot
+        for i in range(4):  # WAL past the slot's limit, in segments of their own; the checkpoint removes it
+            src.execute("UPDATE kept SET v = %s WHERE id = 1", (f"w{i}",))
+            src.execute("SELECT pg_switch_wal()")
+        src.execute("DELETE FROM kept WHERE id > 90; CHECKPOINT")
+        assert src.query("SELECT wal_status FROM pg_replication_slots") == [("lost",)]
+        code, err = _sync(src.dsn, target, "kept")
+        said = " ".join(err.split())
+        assert code == 2, err
+        assert f"replication slot {slot} was invalidated" in said, err
+        assert f"SELECT pg_drop_replication_slot('{slot}')" in said and "copies its tables anew" in said, err
+        src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        code, err = _sync(src.dsn, target, "kept")
+        assert code == 0, err
+        assert helpers.assert_same(src, target, "kept") == 90

@@ -8,6 +8,7 @@ import duckdb
 import psycopg
 import pytest
 
+from datasync import identifiers
 from datasync.engine import pgoutput
 from datasync.sources import receiving
 from tests import helpers
@@ -398,3 +399,27 @@ def test_a_once_run_opens_no_stream_when_its_slot_is_past_the_end(
     assert len(opened) == 1
     assert second.stats.changes == 15
     assert helpers.assert_same(pg, duck_path, "quiet") == 45
+
+
+def test_a_slot_gone_between_runs_makes_the_next_run_copy_its_tables_anew(
+    pg: helpers.Source, duck_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Changes committed while the slot did not exist (a DBA dropped it, or a run used another
+    --slot) are in no slot: the next run copies the streamed tables again, and says so, instead
+    of streaming on from a new slot with the gap silently missing."""
+    pg.execute("CREATE TABLE kept (id int PRIMARY KEY, v text); CREATE TABLE other (id int PRIMARY KEY);"
+               "INSERT INTO kept SELECT g, 'v' FROM generate_series(1, 100) g; INSERT INTO other VALUES (1)")
+    first = helpers.sync_once(pg, duck_path, "kept", "other")
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (first.slot,))
+    pg.execute("UPDATE kept SET v = 'gap' WHERE id <= 10; DELETE FROM kept WHERE id > 90; INSERT INTO other VALUES (2)")
+    with caplog.at_level("WARNING", logger="datasync"):
+        second = helpers.sync_once(pg, duck_path, "kept", "other")
+    assert set(second.snapshotted) == {identifiers.TableName("public", "kept"), identifiers.TableName("public", "other")}
+    assert helpers.assert_same(pg, duck_path, "kept") == 90
+    assert helpers.assert_same(pg, duck_path, "other") == 2
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"replication slot {first.slot} does not exist" in said and "copying 2 table(s) anew" in said, said
+    # and streaming goes on from the new slot
+    pg.execute("UPDATE kept SET v = 'after' WHERE id = 1")
+    helpers.sync_once(pg, duck_path, "kept", "other")
+    assert helpers.assert_same(pg, duck_path, "kept") == 90

@@ -262,6 +262,8 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             extra = [known for known in states if known not in names]
             tables += checking.check_tables(control, extra)
             todo = [t for t in tables if t.name not in states or states[t.name].state != "streaming"]
+            if len(todo) < len(tables) and replication.slot_info(control, slot) is None:
+                todo = _slot_gone(slot, tables)
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
             # before the slot is made: a new slot then starts past it (see _slot_past)
@@ -309,6 +311,21 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             target.close()
     finally:
         control.close()
+
+
+def _slot_gone(slot: str, tables: list[catalog.Table]) -> list[catalog.Table]:
+    """The target streams tables through ``slot``, which no longer exists: copy them all anew.
+
+    Changes committed while no slot existed (dropped by hand, or the target
+    synced before under another ``--slot``) were kept for no one: a new slot
+    starts after them, and streaming on would leave that gap in the copy for
+    good.  Copying the tables again is the only way to an exact copy.
+    """
+    log.warning(
+        "replication slot %s does not exist: changes committed since the target's last run were received "
+        "by no slot; copying %d table(s) anew", slot, len(tables),
+    )
+    return list(tables)
 
 
 def _slot_past(control: connecting.Connection, slot: str, until: int) -> int | None:

@@ -136,6 +136,6 @@ def check_slots(conn: connecting.Connection, slot: str, need_snapshot: bool) -> 
     if info is not None and info.wal_status == "lost":
         raise errors.SourceError(
             f"replication slot {slot} was invalidated (WAL it needed was removed)",
-            f"drop the slot (SELECT pg_drop_replication_slot('{slot}')) and the target file, then resync; "
+            f"drop the slot (SELECT pg_drop_replication_slot('{slot}')): the next run copies its tables anew; "
             "raise max_slot_wal_keep_size to avoid this",
         )
