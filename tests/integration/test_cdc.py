@@ -423,3 +423,118 @@ def test_a_slot_gone_between_runs_makes_the_next_run_copy_its_tables_anew(
     pg.execute("UPDATE kept SET v = 'after' WHERE id = 1")
     helpers.sync_once(pg, duck_path, "kept", "other")
     assert helpers.assert_same(pg, duck_path, "kept") == 90
+
+
+class _Following:
+    """``sync --follow`` of ``table`` in a thread (the engine's own loop), with waits on the source."""
+
+    def __init__(self, pg: helpers.Source, duck_path: str, table: str) -> None:
+        import threading
+
+        from datasync.engine import syncing
+
+        self.pg, self.stop, self.failed = pg, threading.Event(), []  # type: list[BaseException]
+        opts = syncing.Options(source=pg.dsn, target=duck_path, tables=[table], follow=True, max_batch_seconds=0.1)
+        self.runner = threading.Thread(target=self._follow, args=(syncing, opts))
+
+    def _follow(self, syncing: Any, opts: Any) -> None:
+        try:
+            syncing.run(opts, None, self.stop)
+        except BaseException as exc:
+            self.failed.append(exc)
+
+    def __enter__(self) -> _Following:
+        self.runner.start()
+        self.wait("streaming", self.active)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.runner.join(60)
+        assert not self.failed, self.failed
+
+    def active(self) -> bool:
+        return self.pg.query("SELECT count(*) FROM pg_replication_slots WHERE active AND NOT temporary")[0][0] == 1
+
+    def wait(self, what: str, cond: Any, timeout: float = 60) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert not self.failed, self.failed
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    def drop_slot(self) -> str:
+        """Terminate the walsender and drop the slot (as a DBA would); returns its name."""
+        slot = self.pg.query("SELECT slot_name FROM pg_replication_slots WHERE NOT temporary")[0][0]
+
+        def drop() -> bool:
+            self.pg.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                            "WHERE slot_name = %s AND active", (slot,))
+            try:
+                self.pg.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            except psycopg.errors.ObjectInUse:
+                return False  # the walsender is still on its way out
+            return True
+
+        self.wait("slot dropped", drop)
+        return str(slot)
+
+
+def test_a_following_run_whose_slot_is_dropped_copies_anew_and_streams_on(
+    pg: helpers.Source, duck_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The walsender is terminated and the slot dropped while --follow streams: the changes
+    committed before a new slot exists are in no slot, so the run copies the table anew, makes
+    a new slot and streams on; the copy ends equal to the source."""
+    import time
+
+    pg.execute("CREATE TABLE dropped (id int PRIMARY KEY, v text);"
+               "INSERT INTO dropped SELECT g, 'v' FROM generate_series(1, 200) g")
+    with caplog.at_level("WARNING", logger="datasync"), _Following(pg, duck_path, "dropped") as run:
+        pg.execute("UPDATE dropped SET v = 'before' WHERE id <= 10")
+        slot = run.drop_slot()
+        pg.execute("DELETE FROM dropped WHERE id > 150; UPDATE dropped SET v = 'gap' WHERE id <= 5")
+        run.wait("streaming again, from a new slot", run.active)
+        pg.execute("INSERT INTO dropped VALUES (1000, 'after')")
+        time.sleep(1.0)
+    assert helpers.assert_same(pg, duck_path, "dropped") == 151
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"replication slot {slot} was dropped while this run streamed it" in said, said
+    assert "copying 1 table(s) anew" in said, said
+
+
+def test_a_slot_made_again_under_a_following_run_is_told_apart(
+    pg: helpers.Source, duck_path: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot is dropped and made again (as the operator's controller heals a missing slot)
+    before the run reconnects: a slot of the right name, past every position the run confirmed,
+    that missed the changes in between. The run copies the table anew instead of streaming on."""
+    import threading
+    import time
+
+    from datasync.engine import syncing
+
+    pg.execute("CREATE TABLE remade (id int PRIMARY KEY, v text);"
+               "INSERT INTO remade SELECT g, 'v' FROM generate_series(1, 200) g")
+    gate, real = threading.Event(), syncing._reconnect
+
+    def held(*args: Any) -> Any:
+        gate.wait(30)  # the slot is made again before the run looks
+        return real(*args)
+
+    monkeypatch.setattr(syncing, "_reconnect", held)
+    with caplog.at_level("WARNING", logger="datasync"), _Following(pg, duck_path, "remade") as run:
+        pg.execute("UPDATE remade SET v = 'before' WHERE id <= 10")
+        time.sleep(0.5)  # applied and confirmed
+        slot = run.drop_slot()
+        pg.execute("DELETE FROM remade WHERE id > 150")  # in no slot
+        pg.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        pg.execute("UPDATE remade SET v = 'new slot' WHERE id <= 5")
+        gate.set()
+        run.wait("streaming again", run.active)
+        time.sleep(1.0)
+    assert helpers.assert_same(pg, duck_path, "remade") == 150
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"replication slot {slot} was dropped while this run streamed it" in said, said

@@ -122,6 +122,7 @@ class ChangeStream:
         self._final_lsn = 0
         self._txn_index = 0  # data messages seen in the current transaction
         self._stream: receiving.Prefetched | None = None
+        self.confirmed = 0  # the highest position confirmed to the slot (this object's streams)
         self._last_lag = 0.0
         self._collected = self._collected_all = 0.0  # when the loop last ran the cyclic garbage collector
         # commit LSN of the latest transaction in the target (at least: everything before the checkpoint)
@@ -324,6 +325,7 @@ class ChangeStream:
                         self._txn_open = False
                         self._rollback()  # only an unfinished transaction remains; it is resent
                 finally:
+                    self.confirmed = max(self.confirmed, stream.confirmed)
                     stream.close()  # whatever failed: the slot must not stay held by this process
                     self._stream = None
         self._lag()

@@ -246,9 +246,23 @@ def _drop_partial(duck: duckfile.DuckTarget, loading: identifiers.TableName) -> 
         log.warning("could not drop the partly loaded %s", loading, exc_info=True)
 
 
+class _SlotGone(Exception):
+    """The slot disappeared while a ``--follow`` run streamed it (a slot of the same name may be
+    there again, made after the changes it missed): the run starts over and copies anew."""
+
+
 def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event | None = None) -> Result:
     reporter = reporter or QuietReporter()
     stop = stop or threading.Event()
+    copy_anew = False
+    while True:
+        try:
+            return _run(opts, reporter, stop, copy_anew)
+        except _SlotGone:
+            copy_anew = True  # the gap is in no slot: the run starts over and copies the tables anew
+
+
+def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bool = False) -> Result:
     names = [identifiers.TableName.parse(t) for t in opts.tables]
     slot = opts.slot or replication.derive_name(opts.target)
     publication = opts.publication or slot
@@ -262,8 +276,10 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
             extra = [known for known in states if known not in names]
             tables += checking.check_tables(control, extra)
             todo = [t for t in tables if t.name not in states or states[t.name].state != "streaming"]
-            if len(todo) < len(tables) and replication.slot_info(control, slot) is None:
-                todo = _slot_gone(slot, tables)
+            if len(todo) < len(tables) and copy_anew:
+                todo = _slot_gone(f"replication slot {slot} was dropped while this run streamed it", tables)
+            elif len(todo) < len(tables) and replication.slot_info(control, slot) is None:
+                todo = _slot_gone(f"replication slot {slot} does not exist", tables)
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
             # before the slot is made: a new slot then starts past it (see _slot_past)
@@ -284,6 +300,8 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
                 applied = duck.checkpoint(slot)[0]
                 stats = streaming.Stats(applied_lsn=applied, confirmed_lsn=max(applied, past))
             else:
+                info = replication.slot_info(control, slot)
+                known = info.confirmed_flush if info else 0  # the slot is never past this and our confirmations
                 while True:
                     stream = streaming.ChangeStream(
                         dsn=opts.source, control=control, target=duck, slot=slot, publication=publication,
@@ -305,6 +323,12 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
                             break
                         backoff = min(backoff * 2, 30.0)
                         control = _reconnect(opts.source, control, stop)
+                        known = max(known, stream.confirmed)
+                        info = replication.slot_info(control, slot)
+                        if info is None or info.confirmed_flush > known:
+                            # dropped under us (and made again by someone else, if past what we confirmed):
+                            # the changes since our last confirmation are in no slot
+                            raise _SlotGone from None
             rows = {n: duck.count(st.target) for n, st in duck.table_states().items()}
             return Result(slot, publication, snapshotted, stats, rows)
         finally:
@@ -313,18 +337,15 @@ def run(opts: Options, reporter: Reporter | None = None, stop: threading.Event |
         control.close()
 
 
-def _slot_gone(slot: str, tables: list[catalog.Table]) -> list[catalog.Table]:
-    """The target streams tables through ``slot``, which no longer exists: copy them all anew.
+def _slot_gone(why: str, tables: list[catalog.Table]) -> list[catalog.Table]:
+    """The target streams tables through a slot that is gone: copy them all anew.
 
     Changes committed while no slot existed (dropped by hand, or the target
     synced before under another ``--slot``) were kept for no one: a new slot
     starts after them, and streaming on would leave that gap in the copy for
     good.  Copying the tables again is the only way to an exact copy.
     """
-    log.warning(
-        "replication slot %s does not exist: changes committed since the target's last run were received "
-        "by no slot; copying %d table(s) anew", slot, len(tables),
-    )
+    log.warning("%s: changes committed meanwhile were kept by no slot; copying %d table(s) anew", why, len(tables))
     return list(tables)
 
 

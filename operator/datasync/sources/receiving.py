@@ -247,6 +247,7 @@ class Prefetched:
         self._cond = threading.Condition()
         self._lock = threading.Lock()
         self._confirm: tuple[int, bool] | None = None
+        self.confirmed = 0  # the highest position ever confirmed: the slot is never past it
         self._status = False
         self._closing = threading.Event()
         self._max_bytes, self._batch, self._poll = max_bytes, batch, poll
@@ -316,6 +317,7 @@ class Prefetched:
 
     def confirm(self, lsn: int, *, force: bool = False) -> None:
         with self._lock:
+            self.confirmed = max(self.confirmed, lsn)
             prior = self._confirm
             self._confirm = (max(lsn, prior[0]) if prior else lsn, force or bool(prior and prior[1]))
 
