@@ -433,7 +433,8 @@ class _Following:
 
         from datasync.engine import syncing
 
-        self.pg, self.stop, self.failed = pg, threading.Event(), []  # type: list[BaseException]
+        self.pg, self.stop = pg, threading.Event()
+        self.failed: list[BaseException] = []
         opts = syncing.Options(source=pg.dsn, target=duck_path, tables=[table], follow=True, max_batch_seconds=0.1)
         self.runner = threading.Thread(target=self._follow, args=(syncing, opts))
 
