@@ -85,3 +85,65 @@ def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate
         cp.kubectl("patch", "synctable", "items", "-n", NS, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
                    check=False)  # fmt: skip
         cp.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def test_a_slot_dropped_once_the_writer_streams_is_left_for_the_writer_to_make(
+    installed: ControlPlane, source: EmbeddedPostgres
+) -> None:
+    """Reconcile and admission make a missing slot while no table is the writer's yet. Once the
+    writer streams, a slot made again would lack the changes in between and the copy would keep
+    that gap: they leave it missing (SlotLost), for the writer's engine to copy anew and make."""
+    from datasync.controllers import synctables
+
+    ns = NS + "-lost"
+    cp = installed
+    dsn = source.dsn()
+    cp.kubectl("create", "namespace", ns)
+    try:
+        cp.kubectl("create", "secret", "generic", "src", "-n", ns, f"--from-literal=dsn={dsn}")
+        apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": ns},
+                    "spec": {"source": {"secretRef": {"name": "src", "key": "dsn"}},
+                             "target": {"type": "duckdb", "duckdb": {"path": "/data/p.duckdb"}}}})  # fmt: skip
+        apply(cp, {"apiVersion": API, "kind": "SyncTable", "metadata": {"name": "items", "namespace": ns},
+                    "spec": {"policyRef": {"name": "p"}, "source": {"table": "items"}}})  # fmt: skip
+        configuration = k8s_client.Configuration()
+        k8s_config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        client = kube.Kube(k8s_client.ApiClient(configuration))
+
+        def policy_body() -> dict[str, Any]:
+            body = client.get(kube.path(API, "syncpolicies", ns, "p"))
+            assert body is not None
+            return body
+
+        def table_body() -> dict[str, Any]:
+            body = client.get(kube.path(API, "synctables", ns, "items"))
+            assert body is not None
+            return body
+
+        slot = naming.slot_name(syncpolicies.parse(policy_body()))
+
+        def drop() -> None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+        # not the writer's yet: a missing slot is made (by reconcile, and by admission)
+        syncpolicies.reconcile(client, policy_body())
+        assert slots(dsn) == [slot]
+        drop()
+        synctables.admit(client, table_body())
+        assert slots(dsn) == [slot]
+
+        # the writer takes the table over (its Ready reason), then the slot is dropped
+        cp.kubectl("patch", "synctable", "items", "-n", ns, "--subresource=status", "--type=merge", "-p",
+                   '{"status": {"phase": "Streaming", "conditions": [{"type": "Ready", "status": "True", '
+                   '"reason": "Streaming", "message": "streaming", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}')
+        drop()
+        status = syncpolicies.reconcile(client, policy_body())
+        assert slots(dsn) == []
+        lost = next(c for c in status["conditions"] if c["type"] == "SlotReady")
+        assert lost["status"] == "False" and lost["reason"] == "SlotLost", lost
+        assert "the writer copies the tables anew" in lost["message"]
+        synctables.admit(client, table_body())  # as on an operator restart (resume)
+        assert slots(dsn) == []
+    finally:
+        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)

@@ -9,7 +9,9 @@ server (server-side apply), so a restarted operator changes nothing that is alre
 The slot exists while at least one SyncTable refers to the policy: it is created when the
 first table is admitted (here or in :mod:`.synctables`, whichever runs first) and dropped
 with the last one (the SyncTable finalizer) or with the policy (the finalizer here). A slot
-nobody needs would only retain WAL on the primary.
+nobody needs would only retain WAL on the primary. A slot dropped once the writer streams is
+not made again here (``SlotReady=False``, ``SlotLost``): the writer copies the tables anew and
+makes it (see :func:`writer_streams`).
 
 Expected failures (Secret missing, DSN wrong, ``wal_level`` not logical, ...) are not
 exceptions for kopf: they become ``Ready=False`` with a reason and the engine's message (never
@@ -71,17 +73,36 @@ def live_tables(client: kube.Kube, namespace: str, policy: str) -> list[dict[str
     return [t for t in table_objects(client, namespace, policy) if not t["metadata"].get("deletionTimestamp")]
 
 
-def ensure_replication(conn: connecting.Connection, policy: SyncPolicy) -> None:
-    """Checks, then publication (empty is fine) and pgoutput slot; idempotent."""
+def ensure_replication(conn: connecting.Connection, policy: SyncPolicy, *, make_slot: bool = True) -> bool:
+    """Checks, then publication (empty is fine) and pgoutput slot; idempotent.
+
+    False: the slot is missing and ``make_slot`` said not to make it (see :func:`writer_streams`).
+    """
     checking.check_server(conn)
     publication, slot = naming.publication_name(policy), naming.slot_name(policy)
     if not sources.publication_exists(conn, publication):
         sources.create_empty_publication(conn, publication)
     if replication.slot_info(conn, slot) is None:
+        if not make_slot:
+            return False
         checking.check_slots(conn, slot, need_snapshot=False)
         replication.create_slot(conn, slot)
     else:
         checking.check_slots(conn, slot, need_snapshot=False)  # plugin, invalidated slot
+    return True
+
+
+def writer_streams(tables: list[dict[str, Any]]) -> bool:
+    """Whether the writer has taken any of ``tables`` over: from then on only it makes the slot again.
+
+    A slot dropped after that (by hand, or invalidated and dropped) missed changes the target
+    needs.  Made again here, it would let the writer stream on with that gap in the copy for
+    good; left missing, the writer's engine finds it gone, copies the tables anew and makes a new
+    one (``engine.syncing``).
+    """
+    from datasync.controllers import synctables  # (it imports this module)
+
+    return any(synctables.worker_owns(dict(t.get("status") or {})) for t in tables)
 
 
 def slot_figures(conn: connecting.Connection, slot: str) -> tuple[int | None, str | None]:
@@ -126,8 +147,13 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
             try:
                 with sources.connect(client, policy) as conn:
                     updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
-                    if tables:
-                        ensure_replication(conn, policy)
+                    if tables and not ensure_replication(conn, policy, make_slot=not writer_streams(tables)):
+                        status["slotLagBytes"] = None
+                        updates.append((SLOT_READY, "False", "SlotLost",
+                                        f"slot {slot} was dropped after the writer began streaming: the writer "
+                                        "copies the tables anew and makes it again (one made here would lack the "
+                                        "changes in between)"))
+                    elif tables:
                         lag, confirmed = slot_figures(conn, slot)
                         status["slotLagBytes"] = lag
                         status["confirmedLsn"] = confirmed

@@ -90,7 +90,8 @@ def admit(client: kube.Kube, body: Any) -> str:
             except errors.SourceError as exc:
                 _set(client, body, "Degraded", "TableCheckFailed", sources.describe(exc))
                 raise kopf.TemporaryError(exc.message, delay=30) from None
-            syncpolicies.ensure_replication(conn, policy)
+            streaming = syncpolicies.writer_streams(syncpolicies.live_tables(client, namespace, policy.metadata.name or ""))
+            syncpolicies.ensure_replication(conn, policy, make_slot=not streaming)
             if source not in (replication.publication_tables(conn, publication) or set()):
                 replication.add_tables(conn, publication, [source])
     except sources.SourceProblem as exc:
