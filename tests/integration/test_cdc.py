@@ -539,3 +539,21 @@ def test_a_slot_made_again_under_a_following_run_is_told_apart(
     assert helpers.assert_same(pg, duck_path, "remade") == 150
     said = " ".join(r.getMessage() for r in caplog.records)
     assert f"replication slot {slot} was dropped while this run streamed it" in said, said
+
+
+def test_a_target_moved_to_another_slot_is_copied_anew_and_the_old_slot_named(
+    pg: helpers.Source, duck_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run with another --slot: the new slot lacks what the old one kept, so the tables are copied
+    anew; the old slot, still retaining WAL for nobody, is named with the statement that drops it."""
+    pg.execute("CREATE TABLE moved (id int PRIMARY KEY); INSERT INTO moved SELECT generate_series(1, 20)")
+    first = helpers.sync_once(pg, duck_path, "moved")
+    pg.execute("DELETE FROM moved WHERE id > 15")
+    with caplog.at_level("WARNING", logger="datasync"):
+        second = helpers.sync_once(pg, duck_path, "moved", slot="moved_elsewhere")
+    assert second.snapshotted == {identifiers.TableName("public", "moved"): 15}
+    assert helpers.assert_same(pg, duck_path, "moved") == 15
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "replication slot moved_elsewhere does not exist" in said, said
+    assert (f"replication slot {first.slot}, which this target was streamed through before, still exists" in said
+            and f"SELECT pg_drop_replication_slot('{first.slot}')" in said), said

@@ -280,6 +280,7 @@ def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bo
                 todo = _slot_gone(f"replication slot {slot} was dropped while this run streamed it", tables)
             elif len(todo) < len(tables) and replication.slot_info(control, slot) is None:
                 todo = _slot_gone(f"replication slot {slot} does not exist", tables)
+                _warn_of_other_slots(control, target.get(), slot)
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
             # before the slot is made: a new slot then starts past it (see _slot_past)
@@ -298,6 +299,10 @@ def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bo
             past = None if opts.follow else _slot_past(control, slot, until)
             if past is not None:  # nothing to receive: no stream opened
                 applied = duck.checkpoint(slot)[0]
+                if slot not in duck.checkpoint_slots():  # the target names the slots it was streamed through
+                    duck.begin()
+                    duck.write_checkpoint(slot, applied, None)
+                    duck.commit()
                 stats = streaming.Stats(applied_lsn=applied, confirmed_lsn=max(applied, past))
             else:
                 info = replication.slot_info(control, slot)
@@ -347,6 +352,18 @@ def _slot_gone(why: str, tables: list[catalog.Table]) -> list[catalog.Table]:
     """
     log.warning("%s: changes committed meanwhile were kept by no slot; copying %d table(s) anew", why, len(tables))
     return list(tables)
+
+
+def _warn_of_other_slots(control: connecting.Connection, duck: duckfile.DuckTarget, slot: str) -> None:
+    """Slots this target was streamed through before (another ``--slot``) that still exist: each
+    retains WAL on the source until dropped, and nothing reads it now."""
+    for other in duck.checkpoint_slots():
+        if other != slot and replication.slot_info(control, other) is not None:
+            log.warning(
+                "replication slot %s, which this target was streamed through before, still exists and retains WAL "
+                "on the source: drop it if nothing else uses it (SELECT pg_drop_replication_slot('%s'))",
+                other, other.replace("'", "''"),
+            )
 
 
 def _slot_past(control: connecting.Connection, slot: str, until: int) -> int | None:

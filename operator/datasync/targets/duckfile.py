@@ -146,6 +146,10 @@ class DuckTarget:
         ).fetchone()
         return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
+    def checkpoint_slots(self) -> list[str]:
+        """The slots this target was ever streamed through (one checkpoint row each)."""
+        return [str(r[0]) for r in self.con.execute(f"SELECT slot FROM {META}.checkpoint ORDER BY 1").fetchall()]
+
     def write_checkpoint(
         self, slot: str, lsn: int, commit_ts_us: int | None, partial: tuple[int, int] = (0, 0)
     ) -> None:
