@@ -301,8 +301,12 @@ def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bo
                 applied = duck.checkpoint(slot)[0]
                 if slot not in duck.checkpoint_slots():  # the target names the slots it was streamed through
                     duck.begin()
-                    duck.write_checkpoint(slot, applied, None)
-                    duck.commit()
+                    try:
+                        duck.write_checkpoint(slot, applied, None)
+                        duck.commit()
+                    except BaseException:
+                        duck.rollback()
+                        raise
                 stats = streaming.Stats(applied_lsn=applied, confirmed_lsn=max(applied, past))
             else:
                 info = replication.slot_info(control, slot)
