@@ -41,6 +41,22 @@ def source() -> Iterator[EmbeddedPostgres]:
         server.cleanup()
 
 
+def _policy_and_table(cp: ControlPlane, ns: str, dsn: str, table_finalizers: list[str] | None = None) -> kube.Kube:
+    """Secret, SyncPolicy ``p`` and SyncTable ``items`` in ``ns`` (which exists); a client of the apiserver."""
+    cp.kubectl("create", "secret", "generic", "src", "-n", ns, f"--from-literal=dsn={dsn}")
+    apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": ns},
+                "spec": {"source": {"secretRef": {"name": "src", "key": "dsn"}},
+                         "target": {"type": "duckdb", "duckdb": {"path": "/data/p.duckdb"}}}})  # fmt: skip
+    metadata: dict[str, Any] = {"name": "items", "namespace": ns}
+    if table_finalizers:
+        metadata["finalizers"] = table_finalizers
+    apply(cp, {"apiVersion": API, "kind": "SyncTable", "metadata": metadata,
+                "spec": {"policyRef": {"name": "p"}, "source": {"table": "items"}}})  # fmt: skip
+    configuration = k8s_client.Configuration()
+    k8s_config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return kube.Kube(k8s_client.ApiClient(configuration))
+
+
 def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate_the_slot(
     installed: ControlPlane, source: EmbeddedPostgres
 ) -> None:
@@ -48,17 +64,8 @@ def test_a_reconcile_that_waited_for_the_last_tables_finalizer_does_not_recreate
     dsn = source.dsn()
     cp.kubectl("create", "namespace", NS)
     try:
-        cp.kubectl("create", "secret", "generic", "src", "-n", NS, f"--from-literal=dsn={dsn}")
-        apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": NS},
-                    "spec": {"source": {"secretRef": {"name": "src", "key": "dsn"}},
-                             "target": {"type": "duckdb", "duckdb": {"path": "/data/p.duckdb"}}}})  # fmt: skip
         # the operator's finalizer, as admission leaves it: no operator runs here to remove it
-        apply(cp, {"apiVersion": API, "kind": "SyncTable",
-                    "metadata": {"name": "items", "namespace": NS, "finalizers": ["datasync.dev/finalizer"]},
-                    "spec": {"policyRef": {"name": "p"}, "source": {"table": "items"}}})  # fmt: skip
-        configuration = k8s_client.Configuration()
-        k8s_config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
-        client = kube.Kube(k8s_client.ApiClient(configuration))
+        client = _policy_and_table(cp, NS, dsn, table_finalizers=["datasync.dev/finalizer"])
         body = client.get(kube.path(API, "syncpolicies", NS, "p"))
         assert body is not None
         policy = syncpolicies.parse(body)
@@ -100,15 +107,7 @@ def test_a_slot_dropped_once_the_writer_streams_is_left_for_the_writer_to_make(
     dsn = source.dsn()
     cp.kubectl("create", "namespace", ns)
     try:
-        cp.kubectl("create", "secret", "generic", "src", "-n", ns, f"--from-literal=dsn={dsn}")
-        apply(cp, {"apiVersion": API, "kind": "SyncPolicy", "metadata": {"name": "p", "namespace": ns},
-                    "spec": {"source": {"secretRef": {"name": "src", "key": "dsn"}},
-                             "target": {"type": "duckdb", "duckdb": {"path": "/data/p.duckdb"}}}})  # fmt: skip
-        apply(cp, {"apiVersion": API, "kind": "SyncTable", "metadata": {"name": "items", "namespace": ns},
-                    "spec": {"policyRef": {"name": "p"}, "source": {"table": "items"}}})  # fmt: skip
-        configuration = k8s_client.Configuration()
-        k8s_config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
-        client = kube.Kube(k8s_client.ApiClient(configuration))
+        client = _policy_and_table(cp, ns, dsn)
 
         def policy_body() -> dict[str, Any]:
             body = client.get(kube.path(API, "syncpolicies", ns, "p"))
