@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,17 +73,20 @@ def live_tables(client: kube.Kube, namespace: str, policy: str) -> list[dict[str
     return [t for t in table_objects(client, namespace, policy) if not t["metadata"].get("deletionTimestamp")]
 
 
-def ensure_replication(conn: connecting.Connection, policy: SyncPolicy, *, make_slot: bool = True) -> bool:
+def ensure_replication(
+    conn: connecting.Connection, policy: SyncPolicy, may_make_slot: Callable[[], bool] = lambda: True
+) -> bool:
     """Checks, then publication (empty is fine) and pgoutput slot; idempotent.
 
-    False: the slot is missing and ``make_slot`` said not to make it (see :func:`writer_streams`).
+    False: the slot is missing and ``may_make_slot()`` (asked only then) said not to make it
+    (see :func:`writer_streams`).
     """
     checking.check_server(conn)
     publication, slot = naming.publication_name(policy), naming.slot_name(policy)
     if not sources.publication_exists(conn, publication):
         sources.create_empty_publication(conn, publication)
     if replication.slot_info(conn, slot) is None:
-        if not make_slot:
+        if not may_make_slot():
             return False
         checking.check_slots(conn, slot, need_snapshot=False)
         replication.create_slot(conn, slot)
@@ -147,7 +150,7 @@ def reconcile(client: kube.Kube, body: Any) -> dict[str, Any]:
             try:
                 with sources.connect(client, policy) as conn:
                     updates.append((SOURCE_CONNECTED, "True", "Connected", "the source accepts the DSN from the Secret"))
-                    if tables and not ensure_replication(conn, policy, make_slot=not writer_streams(tables)):
+                    if tables and not ensure_replication(conn, policy, lambda: not writer_streams(tables)):
                         status["slotLagBytes"] = None
                         updates.append((SLOT_READY, "False", "SlotLost",
                                         f"slot {slot} was dropped after the writer began streaming: the writer "

@@ -90,8 +90,10 @@ def admit(client: kube.Kube, body: Any) -> str:
             except errors.SourceError as exc:
                 _set(client, body, "Degraded", "TableCheckFailed", sources.describe(exc))
                 raise kopf.TemporaryError(exc.message, delay=30) from None
-            streaming = syncpolicies.writer_streams(syncpolicies.live_tables(client, namespace, policy.metadata.name or ""))
-            syncpolicies.ensure_replication(conn, policy, make_slot=not streaming)
+            policy_name = policy.metadata.name or ""
+            syncpolicies.ensure_replication(  # the tables are listed only when the slot is missing
+                conn, policy, lambda: not syncpolicies.writer_streams(syncpolicies.live_tables(client, namespace, policy_name))
+            )
             if source not in (replication.publication_tables(conn, publication) or set()):
                 replication.add_tables(conn, publication, [source])
     except sources.SourceProblem as exc:

@@ -276,14 +276,15 @@ def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bo
             extra = [known for known in states if known not in names]
             tables += checking.check_tables(control, extra)
             todo = [t for t in tables if t.name not in states or states[t.name].state != "streaming"]
-            if len(todo) < len(tables) and copy_anew:
-                todo = _slot_gone(f"replication slot {slot} was dropped while this run streamed it", tables)
-            elif len(todo) < len(tables) and replication.slot_info(control, slot) is None:
-                todo = _slot_gone(f"replication slot {slot} does not exist", tables)
-                _warn_of_other_slots(control, target.get(), slot)
+            if len(todo) < len(tables):  # the target streams some tables: through a slot still there?
+                if copy_anew:
+                    todo = _slot_gone(f"replication slot {slot} was dropped while this run streamed it", tables)
+                elif replication.slot_info(control, slot) is None:
+                    todo = _slot_gone(f"replication slot {slot} does not exist", tables)
+                    _warn_of_other_slots(control, target.get(), slot)
             checking.check_publication(control, publication, tables)
             checking.check_slots(control, slot, bool(todo))
-            # before the slot is made: a new slot then starts past it (see _slot_past)
+            # before the slot is made: a new slot then starts past it (nothing to receive, below)
             until = replication.wait_flushed(control)
             created = ensure_replication(control, publication, slot, tables)
             try:
@@ -296,8 +297,13 @@ def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bo
 
             duck = target.get()
             backoff = 0.5
-            past = None if opts.follow else _slot_past(control, slot, until)
-            if past is not None:  # nothing to receive: no stream opened
+            info = replication.slot_info(control, slot)
+            known = info.confirmed_flush if info else 0  # the slot is never past this and our confirmations
+            if not opts.follow and known >= until:
+                # nothing to receive: the slot is past this run's end (made by this very run, after
+                # `until`, its tables' snapshots holding everything before; or no WAL since the last
+                # run). Opening the stream would start a walsender only to learn that (~30 ms on
+                # loopback, and a decoding process on the source).
                 applied = duck.checkpoint(slot)[0]
                 if slot not in duck.checkpoint_slots():  # the target names the slots it was streamed through
                     duck.begin()
@@ -307,10 +313,8 @@ def _run(opts: Options, reporter: Reporter, stop: threading.Event, copy_anew: bo
                     except BaseException:
                         duck.rollback()
                         raise
-                stats = streaming.Stats(applied_lsn=applied, confirmed_lsn=max(applied, past))
+                stats = streaming.Stats(applied_lsn=applied, confirmed_lsn=max(applied, known))
             else:
-                info = replication.slot_info(control, slot)
-                known = info.confirmed_flush if info else 0  # the slot is never past this and our confirmations
                 while True:
                     stream = streaming.ChangeStream(
                         dsn=opts.source, control=control, target=duck, slot=slot, publication=publication,
@@ -368,19 +372,6 @@ def _warn_of_other_slots(control: connecting.Connection, duck: duckfile.DuckTarg
                 "on the source: drop it if nothing else uses it (SELECT pg_drop_replication_slot('%s'))",
                 other, other.replace("'", "''"),
             )
-
-
-def _slot_past(control: connecting.Connection, slot: str, until: int) -> int | None:
-    """The slot's position, if it is at ``until`` or past it already; else None.
-
-    A ``--once`` run streams up to ``until``, and a slot past it has nothing to
-    send: a slot made by this very run (it starts after ``until``, and its
-    tables' snapshots hold everything before), or no WAL written since the last
-    run.  Opening the stream would start a walsender only to learn that (~30 ms
-    on loopback, and a decoding process on the source).
-    """
-    info = replication.slot_info(control, slot)
-    return info.confirmed_flush if info is not None and info.confirmed_flush >= until else None
 
 
 def _reconnect(dsn: str, old: connecting.Connection, stop: threading.Event) -> connecting.Connection:
